@@ -1,0 +1,123 @@
+"""Atomic checkpoint files: training state, resume and model-weight loading."""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FINAL_NAME = "final.pth"
+STEP_PREFIX = "step_"
+
+
+def step_checkpoint_name(step: int) -> str:
+    """File name of the snapshot taken after ``step`` completed training steps."""
+    return f"{STEP_PREFIX}{step:07d}.pth"
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` with ``torch.save`` atomically.
+
+    The state goes to a temporary file in the destination folder, is flushed to disk, then renamed over
+    ``path``, so an interrupted write never leaves a truncated checkpoint behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (or any ``torch.save`` dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # corrupted file, wrong format
+        raise ValueError(f"could not read checkpoint {path}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+def latest_checkpoint(snapshot_dir: str | os.PathLike) -> Path | None:
+    """The snapshot with the most completed steps in ``snapshot_dir`` (``final.pth`` wins), or None."""
+    snapshot_dir = Path(snapshot_dir)
+    if not snapshot_dir.is_dir():
+        return None
+    final = snapshot_dir / FINAL_NAME
+    if final.is_file():
+        return final
+    steps = sorted(snapshot_dir.glob(f"{STEP_PREFIX}*.pth"))
+    return steps[-1] if steps else None
+
+
+def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> int:
+    """Load the model weights of a training checkpoint (or a bare state dict) into ``model``.
+
+    Args:
+        model: the (unwrapped) model.
+        path: a file written by training (``{"model": state_dict, ...}``) or a plain state dict.
+
+    Returns:
+        The number of tensors loaded.
+
+    Raises:
+        ValueError: when keys are missing or unexpected, or shapes differ (the file belongs to another
+            model configuration), naming the file.
+    """
+    state = load_checkpoint(path)
+    weights = state.get("model", state)
+    # checkpoints saved from a DDP-wrapped model carry a "module." prefix
+    weights = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not fit this model: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); "
+            "check model.backbone and model.dmap_mode"
+        )
+    bad = [k for k, v in weights.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise ValueError(f"checkpoint {path} has tensors of the wrong shape, e.g. {bad[0]}: "
+                         f"{tuple(weights[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}")
+    model.load_state_dict(weights)
+    return len(weights)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Random states of Python, NumPy and torch (CPU and CUDA), for exact resumption."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
