@@ -1,0 +1,41 @@
+"""Losses on predicted class probabilities."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from models.dmap import no_autocast
+
+
+def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 0.7,
+               class_weights: Sequence[float] = (0.1, 1.0), eps: float = 1e-7) -> torch.Tensor:
+    """Class-weighted focal loss on probabilities, normalised by the summed pixel weights.
+
+    ``loss = -sum_x w_{y(x)} (1 - p_{y(x)}(x))^gamma log p_{y(x)}(x) / sum_x w_{y(x)}``, where ``y(x)``
+    is the target class of pixel x, ``p_{y(x)}`` its predicted probability clamped to ``[eps, 1 - eps]``
+    (for the log, and so that the gradient of ``(1 - p)^gamma`` stays finite at p = 1), and ``w`` the class weight (background 0.1, foreground 1.0 by default). Computed in
+    float32 (float64 for float64 inputs) with autocast disabled.
+
+    Args:
+        probs: [N, K, H, W] class probabilities (K = 2: background, foreground).
+        target: [N, H, W] integer class ids in [0, K).
+        gamma: focusing parameter.
+        class_weights: K class weights.
+        eps: probabilities are clamped to [eps, 1 - eps].
+
+    Returns:
+        Scalar loss (0 when every pixel has weight 0).
+    """
+    if probs.dim() != 4 or target.shape != (probs.shape[0], *probs.shape[2:]):
+        raise ValueError(f"probs must be [N, K, H, W] and target [N, H, W]; got {tuple(probs.shape)} "
+                         f"and {tuple(target.shape)}")
+    if len(class_weights) != probs.shape[1]:
+        raise ValueError(f"{len(class_weights)} class weights for {probs.shape[1]} classes")
+    dt = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    with no_autocast(probs.device):
+        target = target.long()
+        p_t = probs.to(dt).gather(1, target.unsqueeze(1)).squeeze(1).clamp(eps, 1.0 - eps)   # [N, H, W]
+        weights = torch.as_tensor(class_weights, dtype=dt, device=probs.device)[target]
+        per_pixel = -weights * (1.0 - p_t).clamp_min(0.0).pow(gamma) * torch.log(p_t)
+        return per_pixel.sum() / weights.sum().clamp_min(torch.finfo(dt).tiny)
