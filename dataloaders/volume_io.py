@@ -1,0 +1,310 @@
+"""Reading and writing pre-processed volumes (NIfTI, via SimpleITK).
+
+On-disk layout of a data set folder (DESIGN.md section 2)::
+
+    <data_dir>/image_<id>.nii.gz
+    <data_dir>/label_<id>.nii.gz
+    <data_dir>/supervoxels_<n_sv>/superpix-MIDDLE_<id>.nii.gz
+
+Arrays are (Z, H, W): slices along axis 0; spacing is (z, y, x) in mm. Every error is one line that names the
+file and what was wrong.
+
+SimpleITK is imported lazily (inside the functions): importing it costs about 100 MB of resident memory, which
+``load_cases(..., num_workers>0)`` keeps out of the training process by reading in child processes.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from dataloaders.dataset_specifics import DatasetSpec
+
+__all__ = [
+    "Case",
+    "list_case_ids",
+    "image_path",
+    "label_path",
+    "supervoxel_path",
+    "read_nifti",
+    "write_nifti_like",
+    "zscore",
+    "load_case",
+    "load_cases",
+]
+
+PathLike = Union[str, os.PathLike]
+_IMAGE_RE = re.compile(r"^image_(\d+)\.nii\.gz$")
+
+
+@dataclass
+class Case:
+    """One loaded volume.
+
+    Attributes:
+        case_id: Numeric id from the file name.
+        image: float32 [Z, H, W], z-scored per volume.
+        label: uint8 [Z, H, W] training label ids, or None when not loaded.
+        supervoxels: int32 [Z, H, W] (0 = background, 1..N body supervoxels), or None.
+        spacing: (z, y, x) in mm.
+        image_path: Path of the image file.
+    """
+
+    case_id: int
+    image: np.ndarray
+    label: Optional[np.ndarray]
+    supervoxels: Optional[np.ndarray]
+    spacing: tuple
+    image_path: Path
+
+    @property
+    def n_slices(self) -> int:
+        """Number of slices Z."""
+        return int(self.image.shape[0])
+
+
+def image_path(data_dir: PathLike, case_id: int) -> Path:
+    """Path of ``image_<id>.nii.gz``."""
+    return Path(data_dir) / f"image_{int(case_id)}.nii.gz"
+
+
+def label_path(data_dir: PathLike, case_id: int) -> Path:
+    """Path of ``label_<id>.nii.gz``."""
+    return Path(data_dir) / f"label_{int(case_id)}.nii.gz"
+
+
+def supervoxel_path(data_dir: PathLike, case_id: int, n_sv: int) -> Path:
+    """Path of ``supervoxels_<n_sv>/superpix-MIDDLE_<id>.nii.gz``."""
+    return Path(data_dir) / f"supervoxels_{int(n_sv)}" / f"superpix-MIDDLE_{int(case_id)}.nii.gz"
+
+
+def list_case_ids(data_dir: PathLike) -> list:
+    """Ids of the ``image_<id>.nii.gz`` files of a folder, sorted numerically.
+
+    Raises:
+        FileNotFoundError: The folder does not exist or holds no image_<id>.nii.gz file.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: data folder not found")
+    ids = sorted(int(m.group(1)) for p in data_dir.iterdir() if (m := _IMAGE_RE.match(p.name)))
+    if not ids:
+        raise FileNotFoundError(f"{data_dir}: no image_<id>.nii.gz files in the data folder")
+    return ids
+
+
+def read_nifti(path: PathLike) -> tuple:
+    """Read a 3-D volume with SimpleITK.
+
+    Args:
+        path: NIfTI file.
+
+    Returns:
+        (array [Z, H, W] in the file's pixel type, the ``SimpleITK.Image``).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: The file cannot be read or is not 3-D.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+        raise ValueError(f"{path}: cannot read as an image ({first})") from None
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(
+            f"{path}: expected a 3-D scalar volume, got dimension {img.GetDimension()} with "
+            f"{img.GetNumberOfComponentsPerPixel()} component(s)"
+        )
+    return sitk.GetArrayFromImage(img), img
+
+
+def write_nifti_like(array: np.ndarray, reference, path: PathLike) -> Path:
+    """Write ``array`` [Z, H, W] with the geometry (spacing, origin, direction) of ``reference``, atomically.
+
+    Args:
+        array: Volume [Z, H, W]; its shape must equal the reference's (Z, H, W).
+        reference: ``SimpleITK.Image`` whose geometry is copied.
+        path: Output file (``.nii.gz``); written to a temporary file in the same folder, then renamed.
+
+    Returns:
+        The output path.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    ref_shape = tuple(reversed(reference.GetSize()))
+    if tuple(array.shape) != ref_shape:
+        raise ValueError(f"{path}: array shape {tuple(array.shape)} does not match reference shape {ref_shape}")
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    img.CopyInformation(reference)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".nii.gz", dir=str(path.parent))
+    os.close(fd)
+    try:
+        sitk.WriteImage(img, tmp, True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def zscore(image: np.ndarray, path: PathLike = "<array>") -> np.ndarray:
+    """Per-volume z-score: (I - mean) / std, computed in float64, returned as float32.
+
+    Raises:
+        ValueError: The volume is constant (std 0); the message names ``path``.
+    """
+    img = np.asarray(image, dtype=np.float64)
+    mean = img.mean()
+    std = img.std()
+    if not np.isfinite(std) or std <= 0:
+        raise ValueError(f"{path}: image is constant (std {std}), cannot z-score")
+    out = np.empty(img.shape, dtype=np.float32)
+    np.subtract(img, mean, out=out, casting="unsafe")
+    out /= np.float32(std)
+    return out
+
+
+def _check_shape(array: np.ndarray, expected: tuple, path: Path, what: str, ref: Path) -> None:
+    if tuple(array.shape) != tuple(expected):
+        raise ValueError(
+            f"{path}: {what} shape {tuple(array.shape)} (Z,H,W) does not match image shape "
+            f"{tuple(expected)} of {ref.name}"
+        )
+
+
+def _map_labels(raw: np.ndarray, spec: DatasetSpec, path: Path) -> np.ndarray:
+    """Raw label array -> uint8 training ids; errors for non-integer or unknown values."""
+    if raw.dtype.kind == "f":
+        if not np.all(np.isfinite(raw)):
+            raise ValueError(f"{path}: label volume contains NaN or infinite values")
+        if not np.array_equal(raw, np.round(raw)):
+            raise ValueError(f"{path}: label volume contains non-integer values")
+    values = np.unique(raw).astype(np.int64)
+    known = set(spec.raw_label_map) | {0}
+    unknown = [int(v) for v in values if int(v) not in known]
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown label value(s) {unknown[:10]} for {spec.name}; valid: "
+            + ", ".join(str(v) for v in sorted(known))
+        )
+    mapping = spec.map_raw_labels(values)
+    if all(k == v for k, v in mapping.items()):
+        return raw.astype(np.uint8)
+    out = np.zeros(raw.shape, dtype=np.uint8)
+    for k, v in mapping.items():
+        if k != 0:
+            out[raw == k] = v
+    return out
+
+
+def load_case(
+    data_dir: PathLike,
+    case_id: int,
+    spec: DatasetSpec,
+    n_sv: Optional[int] = None,
+    load_label: bool = True,
+) -> Case:
+    """Load one pre-processed volume with its label and supervoxels.
+
+    Args:
+        data_dir: Data set folder.
+        case_id: Volume id.
+        spec: Data set facts (label map, normalisation).
+        n_sv: Read ``supervoxels_<n_sv>/superpix-MIDDLE_<id>.nii.gz`` when given.
+        load_label: Read ``label_<id>.nii.gz`` (raw values mapped to training ids).
+
+    Returns:
+        A ``Case`` (image float32 z-scored [Z, H, W]).
+
+    Raises:
+        FileNotFoundError: A required file is missing.
+        ValueError: Non-finite intensities, constant image, shape mismatch, unknown or non-integer labels,
+            negative supervoxel ids.
+    """
+    ipath = image_path(data_dir, case_id)
+    raw, img = read_nifti(ipath)
+    if not np.all(np.isfinite(raw)):
+        n_bad = int(np.size(raw) - np.count_nonzero(np.isfinite(raw)))
+        raise ValueError(f"{ipath}: image contains {n_bad} NaN or infinite value(s)")
+    if spec.normalisation != "zscore":
+        raise ValueError(f"{spec.name}: unsupported normalisation {spec.normalisation!r}; valid: zscore")
+    image = zscore(raw, ipath)
+    del raw
+    shape = image.shape
+    spacing = tuple(float(s) for s in reversed(img.GetSpacing()))
+
+    label = None
+    if load_label:
+        lpath = label_path(data_dir, case_id)
+        raw_lab, _ = read_nifti(lpath)
+        _check_shape(raw_lab, shape, lpath, "label", ipath)
+        label = _map_labels(raw_lab, spec, lpath)
+
+    supervoxels = None
+    if n_sv is not None:
+        spath = supervoxel_path(data_dir, case_id, n_sv)
+        sv, _ = read_nifti(spath)
+        _check_shape(sv, shape, spath, "supervoxel", ipath)
+        if sv.dtype.kind == "f":
+            if not np.all(np.isfinite(sv)) or not np.array_equal(sv, np.round(sv)):
+                raise ValueError(f"{spath}: supervoxel volume contains non-integer or non-finite values")
+        if sv.size and sv.min() < 0:
+            raise ValueError(f"{spath}: supervoxel ids must be >= 0, found {int(sv.min())}")
+        supervoxels = sv.astype(np.int32, copy=False)
+
+    return Case(
+        case_id=int(case_id),
+        image=image,
+        label=label,
+        supervoxels=supervoxels,
+        spacing=spacing,
+        image_path=ipath,
+    )
+
+
+def _load_case_star(args: tuple) -> Case:
+    return load_case(*args)
+
+
+def load_cases(
+    data_dir: PathLike,
+    case_ids: Sequence[int],
+    spec: DatasetSpec,
+    n_sv: Optional[int] = None,
+    load_label: bool = True,
+    num_workers: int = 0,
+) -> list:
+    """Load several volumes, optionally reading them in child processes.
+
+    Args:
+        data_dir: Data set folder.
+        case_ids: Volume ids, loaded in this order.
+        spec: Data set facts.
+        n_sv: Supervoxel folder to read (None: no supervoxels).
+        load_label: Read the labels.
+        num_workers: 0 reads in this process; > 0 reads with that many spawned processes (faster, and keeps
+            SimpleITK and its decompression buffers out of this process's memory).
+
+    Returns:
+        List of ``Case`` in the order of ``case_ids``.
+    """
+    jobs = [(data_dir, int(cid), spec, n_sv, load_label) for cid in case_ids]
+    if num_workers <= 0 or len(jobs) <= 1:
+        return [load_case(*job) for job in jobs]
+    with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+        return list(pool.map(_load_case_star, jobs))
