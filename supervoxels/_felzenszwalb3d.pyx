@@ -16,30 +16,40 @@ Graph and order (DESIGN.md section 2):
   does not depend on the platform, the compiler or the numpy version.
 
 Sorting: a non-negative float32 orders like its bit pattern read as uint32 (its "key"). The edge ids are
-bucketed by the top 16 key bits with a stable counting sort (two streaming passes over the volume that
-recompute the weights instead of storing them), then each bucket is sorted by the low 16 key bits with a
-stable LSD radix sort (insertion sort for small buckets) the first time a merge pass reaches it. Only the
-uint32 edge ids are stored: 4 bytes per edge, no float64 weights, no pairs of 64-bit indices.
+bucketed by the top 20 key bits (sign bit always 0, so 2**19 buckets) with a stable counting sort: two
+streaming passes over the volume that recompute the weights instead of storing them. The first pass also
+records whether each bucket holds a single key value (common: image intensities are often discrete), in
+which case the bucket is already in (key, id) order. A bucket with several key values is sorted by its
+low 12 key bits with a stable LSD radix sort (insertion sort for small buckets) the first time a merge
+pass reaches it, so buckets past the end of the last pass are never sorted. Only the uint32 edge ids are
+stored: 4 bytes per edge, no float64 weights, no pairs of 64-bit indices.
 
 Merging: pass 1 is Felzenszwalb's rule with ``k = scale / 255``; it stops early, exactly, once the edge
-weight reaches ``max(k, L + k / 2)`` (``L`` = weight of the last merge), a bound on every component's
-threshold ``Int(c) + k / |c|``. Pass 2 merges across edges where either side is smaller than
-``min_size``; it stops once no component is smaller than ``min_size`` (or only one is left). Both stops
-change nothing in the result. Union-find uses union by size and path halving; the partition does not
-depend on which root is kept, only on the merge decisions.
+weight reaches ``max(k, L + k / 2)`` (``L`` = weight of the last merge), an upper bound of every
+component's threshold ``Int(c) + k / |c|``. Pass 2 merges across edges where either side is smaller than
+``min_size``; it skips edges whose two voxels are already known to lie in components of at least
+``min_size`` (components only grow) and stops once no component is smaller than ``min_size`` (or only
+one is left). None of these short cuts changes the result. Union-find uses union by size and path
+halving; the partition does not depend on which root is kept, only on the merge decisions.
 """
 import numpy as np
 
 cimport numpy as cnp
-from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cnp.import_array()
 
 cdef enum:
     N_OFFSETS = 13
-    N_BUCKETS = 32768  # top 16 bits of a key with the sign bit cleared
+    KEY_SHIFT = 12            # keys are bucketed by key >> KEY_SHIFT ...
+    N_BUCKETS = 1 << 19       # ... which is < 2**19 because the sign bit is 0
+    LOW_MASK = (1 << 12) - 1  # ... and sorted inside a bucket by key & LOW_MASK
     INSERTION_MAX = 48
+
+cdef uint32_t BUCKET_EMPTY = 0xFFFFFFFFU  # no key seen (never a key: keys are < 2**31)
+cdef uint32_t BUCKET_MIXED = 0xFFFFFFFEU  # several key values: needs sorting
 
 # Forward offsets (dz, dy, dx), lexicographic; must match supervoxels.felzenszwalb.FORWARD_OFFSETS.
 cdef int OFF_DZ[N_OFFSETS]
@@ -48,6 +58,12 @@ cdef int OFF_DX[N_OFFSETS]
 OFF_DZ[:] = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]
 OFF_DY[:] = [0, 1, 1, 1, -1, -1, -1, 0, 0, 0, 1, 1, 1]
 OFF_DX[:] = [1, -1, 0, 1, -1, 0, 1, -1, 0, 1, -1, 0, 1]
+
+
+cdef inline double now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + 1e-9 * ts.tv_nsec
 
 
 cdef union FloatBits:
@@ -71,11 +87,29 @@ cdef inline float key_to_float(uint32_t key) noexcept nogil:
 
 
 cdef inline int32_t find_root(int32_t* parent, int32_t x) noexcept nogil:
-    """Root of x with path halving."""
-    while parent[x] != x:
-        parent[x] = parent[parent[x]]
-        x = parent[x]
+    """Root of x with path halving; ``parent[r] = -size`` for a root r (size in the same cache line)."""
+    cdef int32_t p = parent[x]
+    cdef int32_t g
+    while p >= 0:
+        g = parent[p]
+        if g < 0:
+            return p
+        parent[x] = g
+        x = g
+        p = parent[x]
     return x
+
+
+cdef inline int32_t link(int32_t* parent, int32_t ra, int32_t rb) noexcept nogil:
+    """Union by size of the roots ra != rb; returns the new root."""
+    cdef int32_t tmp
+    if parent[ra] > parent[rb]:  # |ra| < |rb|
+        tmp = ra
+        ra = rb
+        rb = tmp
+    parent[ra] += parent[rb]
+    parent[rb] = ra
+    return ra
 
 
 cdef struct EdgeCtx:
@@ -115,62 +149,73 @@ cdef int ensure_capacity(SortBuffers* buf, Py_ssize_t n) noexcept nogil:
 
 
 cdef int sort_bucket(uint32_t* ids, Py_ssize_t n, const EdgeCtx* ctx, SortBuffers* buf) noexcept nogil:
-    """Stable sort of one bucket (ids ascending on entry) by the low 16 bits of the key.
+    """Stable sort of one bucket (ids ascending on entry) by the low 12 bits of the key.
 
     Returns 0 on success, -1 when out of memory.
     """
     cdef Py_ssize_t i, j
-    cdef uint16_t first, key16, byte
+    cdef uint16_t low, digit
     cdef uint32_t eid
-    cdef Py_ssize_t count_lo[257]
-    cdef Py_ssize_t count_hi[257]
-    cdef bint same = True
+    cdef Py_ssize_t count_lo[65]
+    cdef Py_ssize_t count_hi[65]
+    cdef Py_ssize_t* count_all
     if n < 2:
-        return 0
-    # Cheap scan first: a bucket of equal keys (very common: exact ties) is already in order.
-    first = <uint16_t>(id_key(ctx, ids[0]) & 0xffffU)
-    for i in range(1, n):
-        if <uint16_t>(id_key(ctx, ids[i]) & 0xffffU) != first:
-            same = False
-            break
-    if same:
         return 0
     if ensure_capacity(buf, n) != 0:
         return -1
     for i in range(n):
-        buf.ka[i] = <uint16_t>(id_key(ctx, ids[i]) & 0xffffU)
+        buf.ka[i] = <uint16_t>(id_key(ctx, ids[i]) & LOW_MASK)
     if n <= INSERTION_MAX:
         for i in range(1, n):
-            key16 = buf.ka[i]
+            low = buf.ka[i]
             eid = ids[i]
             j = i - 1
-            while j >= 0 and buf.ka[j] > key16:
+            while j >= 0 and buf.ka[j] > low:
                 buf.ka[j + 1] = buf.ka[j]
                 ids[j + 1] = ids[j]
                 j -= 1
-            buf.ka[j + 1] = key16
+            buf.ka[j + 1] = low
             ids[j + 1] = eid
         return 0
-    # LSD radix sort, two stable counting passes of 8 bits: (ka, ids) -> (kb, itmp) -> ids.
-    for i in range(257):
+    if n > 16 * (LOW_MASK + 1):
+        # one stable counting pass over all 12 bits: ids -> itmp -> ids
+        count_all = <Py_ssize_t*>malloc((LOW_MASK + 2) * sizeof(Py_ssize_t))
+        if count_all == NULL:
+            return -1
+        for i in range(LOW_MASK + 2):
+            count_all[i] = 0
+        for i in range(n):
+            count_all[buf.ka[i] + 1] += 1
+        for i in range(LOW_MASK + 1):
+            count_all[i + 1] += count_all[i]
+        for i in range(n):
+            j = count_all[buf.ka[i]]
+            count_all[buf.ka[i]] = j + 1
+            buf.itmp[j] = ids[i]
+        for i in range(n):
+            ids[i] = buf.itmp[i]
+        free(count_all)
+        return 0
+    # LSD radix sort, two stable counting passes of 6 bits: (ka, ids) -> (kb, itmp) -> ids.
+    for i in range(65):
         count_lo[i] = 0
         count_hi[i] = 0
     for i in range(n):
-        count_lo[(buf.ka[i] & 0xff) + 1] += 1
-        count_hi[(buf.ka[i] >> 8) + 1] += 1
-    for i in range(256):
+        count_lo[(buf.ka[i] & 63) + 1] += 1
+        count_hi[(buf.ka[i] >> 6) + 1] += 1
+    for i in range(64):
         count_lo[i + 1] += count_lo[i]
         count_hi[i + 1] += count_hi[i]
     for i in range(n):
-        byte = buf.ka[i] & 0xff
-        j = count_lo[byte]
-        count_lo[byte] = j + 1
+        digit = buf.ka[i] & 63
+        j = count_lo[digit]
+        count_lo[digit] = j + 1
         buf.kb[j] = buf.ka[i]
         buf.itmp[j] = ids[i]
     for i in range(n):
-        byte = buf.kb[i] >> 8
-        j = count_hi[byte]
-        count_hi[byte] = j + 1
+        digit = buf.kb[i] >> 6
+        j = count_hi[digit]
+        count_hi[digit] = j + 1
         ids[j] = buf.itmp[i]
     return 0
 
@@ -188,7 +233,7 @@ def count_edges(Py_ssize_t nz, Py_ssize_t ny, Py_ssize_t nx):
 def segment(cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] volume not None,
             cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] factors not None,
             double scale, Py_ssize_t min_size):
-    """Felzenszwalb segmentation of a float32 volume on the 26-connected grid.
+    """Felzenszwalb segmentation of a float32 volume on the 26-connected grid (GIL released).
 
     Args:
         volume: float32 [Z, H, W], C-contiguous, finite.
@@ -197,8 +242,9 @@ def segment(cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] volume not None,
         min_size: minimum component size in voxels, >= 1.
 
     Returns:
-        tuple ``(labels, n_labels)``: int32 [Z, H, W] labels 0..n_labels-1 numbered by first
-        appearance in raster order, and the number of labels.
+        tuple ``(labels, n_labels, stats)``: int32 [Z, H, W] labels 0..n_labels-1 numbered by first
+        appearance in raster order, the number of labels, and a dict of diagnostics (seconds spent in
+        each phase, number of edges, edges visited by each pass, buckets sorted).
     """
     cdef Py_ssize_t nz = volume.shape[0], ny = volume.shape[1], nx = volume.shape[2]
     cdef Py_ssize_t n_vox = nz * ny * nx
@@ -209,6 +255,8 @@ def segment(cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] volume not None,
         raise ValueError(f"volume of {n_vox} voxels is too large (at most {(1 << 32) // 13 - 1})")
     if factors.shape[0] != N_OFFSETS:
         raise ValueError("factors must have 13 entries")
+    if min_size < 1:
+        raise ValueError("min_size must be >= 1")
 
     cdef EdgeCtx ctx
     cdef int k
@@ -218,20 +266,20 @@ def segment(cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] volume not None,
         ctx.c[k] = factors[k]
 
     starts_arr = np.zeros(N_BUCKETS + 1, dtype=np.int64)
+    state_arr = np.full(N_BUCKETS, BUCKET_EMPTY, dtype=np.uint32)
     ids_arr = np.empty(max(n_edges, 1), dtype=np.uint32)
-    parent_arr = np.arange(n_vox, dtype=np.int32)
-    size_arr = np.ones(n_vox, dtype=np.int32)
+    parent_arr = np.full(n_vox, -1, dtype=np.int32)  # every voxel a root of size 1
     inner_arr = np.zeros(n_vox, dtype=np.float32)
+    big_arr = np.zeros(n_vox, dtype=np.uint8)
     labels_arr = np.empty((nz, ny, nx), dtype=np.int32)
-    sorted_arr = np.zeros(N_BUCKETS, dtype=np.uint8)
 
     cdef int64_t* starts = <int64_t*>cnp.PyArray_DATA(starts_arr)
+    cdef uint32_t* state = <uint32_t*>cnp.PyArray_DATA(state_arr)
     cdef uint32_t* ids = <uint32_t*>cnp.PyArray_DATA(ids_arr)
     cdef int32_t* parent = <int32_t*>cnp.PyArray_DATA(parent_arr)
-    cdef int32_t* size = <int32_t*>cnp.PyArray_DATA(size_arr)
     cdef float* inner = <float*>cnp.PyArray_DATA(inner_arr)
+    cdef uint8_t* big = <uint8_t*>cnp.PyArray_DATA(big_arr)
     cdef int32_t* labels = <int32_t*>cnp.PyArray_DATA(labels_arr)
-    cdef unsigned char* is_sorted = <unsigned char*>cnp.PyArray_DATA(sorted_arr)
 
     cdef SortBuffers buf
     buf.ka = NULL
@@ -241,18 +289,21 @@ def segment(cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] volume not None,
 
     cdef double kk = scale / 255.0
     cdef double bound, thr_a, thr_b, w
-    cdef double last_merge = -1.0
     cdef Py_ssize_t z, y, x, a, bkt, i, start, stop, small, n_comp
     cdef int64_t pos
-    cdef uint32_t e, va, vk, vb, key
-    cdef int32_t ra, rb, tmp, next_label
+    cdef uint32_t e, va, vk, vb, key, st
+    cdef int32_t ra, rb, next_label = 0
+    cdef int32_t neg_min = <int32_t>(-min_size if min_size < 2147483647 else -2147483647)
     cdef bint row_ok[N_OFFSETS]
     cdef int status = 0
     cdef bint done
+    cdef double t0, t_bucket = 0, t_pass1 = 0, t_pass2 = 0, t_relabel = 0, t_sort = 0, ts0
+    cdef int64_t seen1 = 0, seen2 = 0, n_sorted = 0, skipped2 = 0
 
     try:
         with nogil:
-            # ---- counting sort by the top 16 key bits (stable: ids emitted in ascending order) ----
+            t0 = now()
+            # ---- counting sort by key >> KEY_SHIFT (stable: ids emitted in ascending order) ----
             for z in range(nz):
                 for y in range(ny):
                     for k in range(N_OFFSETS):
@@ -262,11 +313,14 @@ def segment(cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] volume not None,
                         for k in range(N_OFFSETS):
                             if row_ok[k] and 0 <= x + OFF_DX[k] < nx:
                                 key = edge_key(ctx.vol, a + x, a + x + ctx.off[k], ctx.c[k])
-                                starts[(key >> 16) + 1] += 1
+                                bkt = key >> KEY_SHIFT
+                                starts[bkt + 1] += 1
+                                st = state[bkt]
+                                if st != key and st != BUCKET_MIXED:
+                                    state[bkt] = key if st == BUCKET_EMPTY else BUCKET_MIXED
             for bkt in range(N_BUCKETS):
                 starts[bkt + 1] += starts[bkt]
-            # starts[b] is now the first slot of bucket b; use starts[b] as the write cursor and
-            # shift back afterwards.
+            # starts[b] serves as the write cursor of bucket b, shifted back afterwards.
             for z in range(nz):
                 for y in range(ny):
                     for k in range(N_OFFSETS):
@@ -276,13 +330,15 @@ def segment(cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] volume not None,
                         for k in range(N_OFFSETS):
                             if row_ok[k] and 0 <= x + OFF_DX[k] < nx:
                                 key = edge_key(ctx.vol, a + x, a + x + ctx.off[k], ctx.c[k])
-                                bkt = key >> 16
+                                bkt = key >> KEY_SHIFT
                                 pos = starts[bkt]
                                 starts[bkt] = pos + 1
                                 ids[pos] = <uint32_t>((a + x) * N_OFFSETS + k)
             for bkt in range(N_BUCKETS, 0, -1):
                 starts[bkt] = starts[bkt - 1]
             starts[0] = 0
+            t_bucket = now() - t0
+            t0 = now()
 
             # ---- pass 1: Felzenszwalb merge rule ----
             bound = kk
@@ -292,11 +348,14 @@ def segment(cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] volume not None,
                 stop = starts[bkt + 1]
                 if stop == start:
                     continue
-                if not is_sorted[bkt]:
+                if state[bkt] == BUCKET_MIXED:
+                    ts0 = now()
                     if sort_bucket(ids + start, stop - start, &ctx, &buf) != 0:
                         status = -1
                         break
-                    is_sorted[bkt] = 1
+                    state[bkt] = 0
+                    n_sorted += 1
+                    t_sort += now() - ts0
                 for i in range(start, stop):
                     e = ids[i]
                     va = e // N_OFFSETS
@@ -304,38 +363,38 @@ def segment(cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] volume not None,
                     vb = <uint32_t>(<Py_ssize_t>va + ctx.off[vk])
                     w = key_to_float(edge_key(ctx.vol, va, vb, ctx.c[vk]))
                     if w >= bound:
+                        seen1 += i - start
                         done = True
                         break
                     ra = find_root(parent, va)
                     rb = find_root(parent, vb)
                     if ra == rb:
                         continue
-                    thr_a = <double>inner[ra] + kk / <double>size[ra]
-                    thr_b = <double>inner[rb] + kk / <double>size[rb]
+                    thr_a = <double>inner[ra] + kk / <double>(-parent[ra])
+                    thr_b = <double>inner[rb] + kk / <double>(-parent[rb])
                     if w < (thr_a if thr_a < thr_b else thr_b):
-                        if size[ra] < size[rb]:
-                            tmp = ra
-                            ra = rb
-                            rb = tmp
-                        parent[rb] = ra
-                        size[ra] += size[rb]
+                        ra = link(parent, ra, rb)
                         inner[ra] = <float>w
-                        last_merge = w
-                        bound = last_merge + kk / 2.0
+                        bound = w + kk / 2.0
                         if bound < kk:
                             bound = kk
                 if done:
                     break
+                seen1 += stop - start
+            t_pass1 = now() - t0
+            t0 = now()
 
             # ---- pass 2: absorb components smaller than min_size ----
             if status == 0:
                 small = 0
                 n_comp = 0
                 for a in range(n_vox):
-                    if parent[a] == a:
+                    if parent[a] < 0:
                         n_comp += 1
-                        if size[a] < min_size:
+                        if parent[a] > neg_min:
                             small += 1
+                for a in range(n_vox):
+                    big[a] = parent[find_root(parent, a)] <= neg_min
                 if small > 0 and n_comp > 1:
                     done = False
                     for bkt in range(N_BUCKETS):
@@ -343,50 +402,88 @@ def segment(cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] volume not None,
                         stop = starts[bkt + 1]
                         if stop == start:
                             continue
-                        if not is_sorted[bkt]:
+                        if state[bkt] == BUCKET_MIXED:
+                            ts0 = now()
                             if sort_bucket(ids + start, stop - start, &ctx, &buf) != 0:
                                 status = -1
                                 break
-                            is_sorted[bkt] = 1
+                            state[bkt] = 0
+                            n_sorted += 1
+                            t_sort += now() - ts0
                         for i in range(start, stop):
                             e = ids[i]
                             va = e // N_OFFSETS
                             vk = e - va * N_OFFSETS
-                            ra = find_root(parent, va)
-                            rb = find_root(parent, <int32_t>(<Py_ssize_t>va + ctx.off[vk]))
+                            vb = <uint32_t>(<Py_ssize_t>va + ctx.off[vk])
+                            # big[v]: v is known to lie in a component of >= min_size voxels (a
+                            # component never shrinks); an edge between two such voxels never merges.
+                            if big[va]:
+                                if big[vb]:
+                                    skipped2 += 1
+                                    continue
+                                rb = find_root(parent, vb)
+                                if parent[rb] <= neg_min:
+                                    big[vb] = 1
+                                    continue
+                                ra = find_root(parent, va)
+                            else:
+                                ra = find_root(parent, va)
+                                if big[vb] and parent[ra] <= neg_min:
+                                    big[va] = 1
+                                    continue
+                                rb = find_root(parent, vb)
                             if ra == rb:
                                 continue
-                            if size[ra] < min_size or size[rb] < min_size:
-                                small -= (size[ra] < min_size) + (size[rb] < min_size)
-                                if size[ra] < size[rb]:
-                                    tmp = ra
-                                    ra = rb
-                                    rb = tmp
-                                parent[rb] = ra
-                                size[ra] += size[rb]
+                            if parent[ra] > neg_min or parent[rb] > neg_min:
+                                small -= (parent[ra] > neg_min) + (parent[rb] > neg_min)
+                                ra = link(parent, ra, rb)
                                 n_comp -= 1
-                                small += size[ra] < min_size
+                                if parent[ra] > neg_min:
+                                    small += 1
+                                else:
+                                    big[va] = 1
+                                    big[vb] = 1
                                 if small == 0 or n_comp == 1:
+                                    seen2 += i + 1 - start
                                     done = True
                                     break
+                            else:
+                                big[va] = 1
+                                big[vb] = 1
                         if done:
                             break
+                        seen2 += stop - start
+            t_pass2 = now() - t0
+            t0 = now()
 
             # ---- relabel 0..N-1 by first appearance in raster order ----
             if status == 0:
+                # labels[r] of a root r doubles as its label slot: it is set before or when r is reached.
                 for a in range(n_vox):
-                    size[a] = -1
-                next_label = 0
+                    labels[a] = -1
                 for a in range(n_vox):
                     ra = find_root(parent, a)
-                    if size[ra] < 0:
-                        size[ra] = next_label
+                    if labels[ra] < 0:
+                        labels[ra] = next_label
                         next_label += 1
-                    labels[a] = size[ra]
+                    labels[a] = labels[ra]
+            t_relabel = now() - t0
     finally:
         free(buf.ka)
         free(buf.kb)
         free(buf.itmp)
     if status != 0:
         raise MemoryError("out of memory while sorting supervoxel graph edges")
-    return labels_arr, int(next_label)
+    stats = {
+        "n_edges": int(n_edges),
+        "seconds_bucket": t_bucket,
+        "seconds_pass1": t_pass1,
+        "seconds_pass2": t_pass2,
+        "seconds_sort": t_sort,  # lazy bucket sorting, included in the pass times
+        "seconds_relabel": t_relabel,
+        "edges_pass1": int(seen1),
+        "edges_pass2": int(seen2),
+        "edges_pass2_skipped": int(skipped2),
+        "buckets_sorted": int(n_sorted),
+    }
+    return labels_arr, int(next_label), stats
