@@ -128,10 +128,10 @@ class DatasetSpec:
             raise ValueError(f"{self.name}: fold must be an int in [0, {self.n_folds - 1}], got {fold!r}")
         step = self.fold_step_for(n_volumes)
         last_start = (self.n_folds - 1) * step
-        if n_volumes < last_start + 2:
+        if n_volumes < last_start + 1:
             raise ValueError(
                 f"{self.name}: {n_volumes} volumes are too few for {self.n_folds} folds with step {step} "
-                f"(need at least {last_start + 2})"
+                f"(need at least {last_start + 1})"
             )
         if fold < self.n_folds - 1:
             return list(range(fold * step, fold * step + step + 1))

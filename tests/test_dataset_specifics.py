@@ -68,4 +68,5 @@ def test_folds_synth_and_errors():
     with pytest.raises(ValueError, match="fold must be an int in"):
         spec.fold_positions(5, 10)
     with pytest.raises(ValueError, match="too few"):
-        get_dataset_spec("CHAOST2").fold_positions(0, 10)
+        get_dataset_spec("CHAOST2").fold_positions(0, 16)
+    assert get_dataset_spec("SYNTH").fold_positions(4, 5) == [0, 4]

@@ -1,0 +1,163 @@
+"""EP1 test protocol (ADNet, Q-Net, RPT, DMAP): folds, support/query volumes, support slices, query chunks.
+
+- Volumes are sorted by numeric id; a fold is a set of positions in that order (``DatasetSpec.fold_positions``).
+- The support volume is position ``supp_idx`` of the test fold (in ascending position order); the other fold
+  members are the queries. ``support_rotation`` lists every ``supp_idx`` to report mean and spread.
+- Per test class: the query keeps only the slices whose label contains the class, cut into ``n_parts``
+  equal chunks by ``np.linspace(0, n, n_parts + 1).astype(int)``; chunk k is segmented with support slice k,
+  taken at fraction (2k + 1) / (2 n_parts) (1/6, 1/2, 5/6) of the support's labelled-slice list:
+  ``labelled[int(fraction * len(labelled))]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from dataloaders.dataset_specifics import DatasetSpec
+from dataloaders.volume_io import Case
+
+__all__ = [
+    "TestChunk",
+    "split_fold",
+    "support_query_ids",
+    "support_rotation",
+    "labelled_slices",
+    "support_slice_indices",
+    "query_chunk_bounds",
+    "build_test_chunks",
+]
+
+
+@dataclass
+class TestChunk:
+    """One support slice and the query chunk it segments.
+
+    Attributes:
+        support_image: float32 [3, H, W].
+        support_mask: float32 [H, W] in {0, 1}.
+        query_images: float32 [n, 3, H, W].
+        query_labels: uint8 [n, H, W] in {0, 1} (binary for the test class).
+        slice_indices: The n query slice indices in the query volume.
+        support_slice: Index of the support slice in the support volume.
+    """
+
+    __test__ = False  # not a pytest class
+
+    support_image: np.ndarray
+    support_mask: np.ndarray
+    query_images: np.ndarray
+    query_labels: np.ndarray
+    slice_indices: list
+    support_slice: int
+
+
+def split_fold(case_ids: Sequence[int], spec: DatasetSpec, fold: int) -> tuple:
+    """Training and test ids of an EP1 fold.
+
+    Args:
+        case_ids: All volume ids of the data set (any order; sorted numerically here).
+        spec: Data set facts (fold rule).
+        fold: Evaluation fold.
+
+    Returns:
+        (train_ids, test_ids), both sorted numerically; train = all volumes not in the fold.
+    """
+    ids = sorted(int(c) for c in case_ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate volume ids in {ids}")
+    pos = set(spec.fold_positions(fold, len(ids)))
+    test = [cid for p, cid in enumerate(ids) if p in pos]
+    train = [cid for p, cid in enumerate(ids) if p not in pos]
+    return train, test
+
+
+def support_query_ids(test_ids: Sequence[int], supp_idx: int = 0) -> tuple:
+    """(support id, query ids) of a test fold; the support is position ``supp_idx`` of the sorted fold."""
+    ids = sorted(int(c) for c in test_ids)
+    if not 0 <= supp_idx < len(ids):
+        raise ValueError(f"supp_idx must be in [0, {len(ids) - 1}] for a fold of {len(ids)} volumes, got {supp_idx}")
+    return ids[supp_idx], [c for i, c in enumerate(ids) if i != supp_idx]
+
+
+def support_rotation(test_ids: Sequence[int], rotate: bool = False, supp_idx: int = 0) -> list:
+    """The ``supp_idx`` values to evaluate: all fold members when ``rotate``, else ``[supp_idx]``."""
+    if rotate:
+        return list(range(len(test_ids)))
+    support_query_ids(test_ids, supp_idx)  # validates
+    return [int(supp_idx)]
+
+
+def labelled_slices(label: np.ndarray, cls: int) -> np.ndarray:
+    """Indices (ascending) of the slices of ``label`` [Z, H, W] that contain class ``cls``."""
+    z = label.shape[0]
+    return np.flatnonzero((label == cls).reshape(z, -1).any(axis=1))
+
+
+def support_slice_indices(n_labelled: int, n_parts: int = 3) -> np.ndarray:
+    """Positions, in a labelled-slice list of length ``n_labelled``, of the support slices (Ouyang et al.).
+
+    Fractions (2k + 1) / (2 n_parts); n_parts = 3 gives 1/6, 1/2, 5/6.
+    """
+    if n_parts < 1:
+        raise ValueError(f"n_parts must be >= 1, got {n_parts}")
+    if n_labelled < 1:
+        raise ValueError("the support volume has no slice with the class")
+    pcts = (2 * np.arange(n_parts) + 1) / (2.0 * n_parts)
+    return (pcts * n_labelled).astype(np.int64)
+
+
+def query_chunk_bounds(n_kept: int, n_parts: int = 3) -> np.ndarray:
+    """Chunk boundaries [n_parts + 1] over ``n_kept`` query slices: ``linspace(0, n, n_parts + 1)`` as int."""
+    return np.linspace(0, n_kept, n_parts + 1).astype(np.int64)
+
+
+def _three(img: np.ndarray) -> np.ndarray:
+    """[..., H, W] -> float32 [..., 3, H, W]."""
+    img = np.asarray(img, dtype=np.float32)
+    return np.ascontiguousarray(np.repeat(img[..., None, :, :], 3, axis=-3))
+
+
+def build_test_chunks(support_case: Case, query_case: Case, label: int, n_parts: int = 3) -> list:
+    """EP1 chunks for one (support volume, query volume, class).
+
+    Args:
+        support_case: Support volume with ``label`` loaded.
+        query_case: Query volume with ``label`` loaded.
+        label: Test class (training id).
+        n_parts: Number of support slices / query chunks.
+
+    Returns:
+        ``n_parts`` ``TestChunk`` s; a chunk may hold 0 query slices when the query has fewer kept slices than
+        ``n_parts``.
+
+    Raises:
+        ValueError: Labels not loaded, or the support or query volume lacks the class.
+    """
+    for case in (support_case, query_case):
+        if case.label is None:
+            raise ValueError(f"{case.image_path}: test episodes need the label volume, not loaded")
+    sup_sl = labelled_slices(support_case.label, label)
+    if sup_sl.size == 0:
+        raise ValueError(f"{support_case.image_path}: support volume has no slice with class {label}")
+    qry_sl = labelled_slices(query_case.label, label)
+    if qry_sl.size == 0:
+        raise ValueError(f"{query_case.image_path}: query volume has no slice with class {label}")
+    sup_pos = support_slice_indices(len(sup_sl), n_parts)
+    bounds = query_chunk_bounds(len(qry_sl), n_parts)
+    chunks = []
+    for k in range(n_parts):
+        zs = int(sup_sl[sup_pos[k]])
+        q = [int(z) for z in qry_sl[bounds[k] : bounds[k + 1]]]
+        chunks.append(
+            TestChunk(
+                support_image=_three(support_case.image[zs]),
+                support_mask=(support_case.label[zs] == label).astype(np.float32),
+                query_images=_three(query_case.image[q]),
+                query_labels=(query_case.label[q] == label).astype(np.uint8),
+                slice_indices=q,
+                support_slice=zs,
+            )
+        )
+    return chunks

@@ -1,0 +1,78 @@
+"""EP1 test protocol on hand-made label volumes."""
+import numpy as np
+import pytest
+
+from dataloaders.dataset_specifics import get_dataset_spec
+from dataloaders.test_episodes import (
+    build_test_chunks,
+    query_chunk_bounds,
+    split_fold,
+    support_query_ids,
+    support_rotation,
+    support_slice_indices,
+)
+from dataloaders.volume_io import Case
+
+
+def _case(cid, z, cls_slices, cls=2):
+    image = np.arange(z, dtype=np.float32)[:, None, None] * np.ones((1, 8, 8), np.float32)
+    label = np.zeros((z, 8, 8), np.uint8)
+    for s in cls_slices:
+        label[s, 2:5, 2:5] = cls
+    label[0, 6, 6] = 1
+    return Case(cid, image, label, None, (1.0, 1.0, 1.0), f"image_{cid}.nii.gz")
+
+
+def test_split_fold_chaos_ids():
+    spec = get_dataset_spec("CHAOST2")
+    ids = list(spec.case_ids)[::-1]  # order of the input does not matter
+    train, test = split_fold(ids, spec, 0)
+    assert test == [1, 2, 3, 5, 8] and len(train) == 15 and not set(train) & set(test)
+    _, test4 = split_fold(ids, spec, 4)
+    assert test4 == [1, 36, 37, 38, 39]  # positions 0, 16-19
+    assert test4 == sorted(test4)
+
+
+def test_support_and_rotation():
+    assert support_query_ids([8, 2, 5], 0) == (2, [5, 8])
+    assert support_query_ids([8, 2, 5], 2) == (8, [2, 5])
+    assert support_rotation([8, 2, 5], rotate=True) == [0, 1, 2]
+    assert support_rotation([8, 2, 5], supp_idx=1) == [1]
+    with pytest.raises(ValueError, match="supp_idx must be in"):
+        support_query_ids([1, 2], 2)
+
+
+def test_support_slice_positions():
+    assert support_slice_indices(6).tolist() == [1, 3, 5]
+    assert support_slice_indices(12).tolist() == [2, 6, 10]
+    assert support_slice_indices(7).tolist() == [1, 3, 5]  # int(7/6), int(7/2), int(35/6)
+    assert support_slice_indices(1).tolist() == [0, 0, 0]
+    assert query_chunk_bounds(10).tolist() == [0, 3, 6, 10]
+    assert query_chunk_bounds(2).tolist() == [0, 0, 1, 2]
+
+
+def test_build_chunks_hand_made():
+    # support: class 2 on slices 3..14 (12 slices) -> supports at list positions 2, 6, 10 = slices 5, 9, 13
+    support = _case(1, 20, range(3, 15))
+    # query: class 2 on slices 4..13 (10 slices) -> chunks [4,5,6], [7,8,9], [10..13]
+    query = _case(2, 16, range(4, 14))
+    chunks = build_test_chunks(support, query, 2)
+    assert [c.support_slice for c in chunks] == [5, 9, 13]
+    assert [c.slice_indices for c in chunks] == [[4, 5, 6], [7, 8, 9], [10, 11, 12, 13]]
+    c0 = chunks[0]
+    assert c0.support_image.shape == (3, 8, 8) and c0.support_image.dtype == np.float32
+    assert np.all(c0.support_image == 5.0)
+    assert c0.support_mask.dtype == np.float32 and c0.support_mask.sum() == 9
+    assert c0.query_images.shape == (3, 3, 8, 8) and c0.query_images.dtype == np.float32
+    assert np.all(c0.query_images[:, 1, 0, 0] == np.array([4, 5, 6]))
+    assert c0.query_labels.dtype == np.uint8 and set(np.unique(c0.query_labels)) == {0, 1}
+    assert c0.query_labels.sum() == 27  # binary for the class, class 1 ignored
+
+
+def test_missing_class():
+    support = _case(1, 10, [], cls=2)
+    query = _case(2, 10, [3, 4])
+    with pytest.raises(ValueError, match="image_1.nii.gz: support volume has no slice with class 2"):
+        build_test_chunks(support, query, 2)
+    with pytest.raises(ValueError, match="image_2.nii.gz: query volume has no slice with class 3"):
+        build_test_chunks(_case(3, 5, [1], cls=3), query, 3)
