@@ -166,7 +166,7 @@ def output_path(out_dir: Path, case_id: str) -> Path:
 def _one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     # SimpleITK puts the useful part ("... does not exist", "Unable to determine ImageIO ...") last.
-    text = lines[-1] if lines else ""
+    text = lines[-1].replace("sitk::ERROR: ", "") if lines else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
