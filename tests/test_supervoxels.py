@@ -120,6 +120,18 @@ def test_matches_reference_large_buckets():
         np.testing.assert_array_equal(got, expected)
 
 
+def test_matches_reference_one_huge_bucket():
+    """> 65536 edges with distinct weights in one weight bucket: the single-pass 12-bit radix path."""
+    rng = np.random.default_rng(12)
+    n = 100_000
+    line = np.zeros(n, dtype=np.float32)
+    line[1::2] = 100.0 + rng.uniform(0, 0.005, size=n // 2).astype(np.float32)  # weights in [100, 100.03)
+    vol = line.reshape(1, 1, n)
+    for min_size in (3, 7):
+        expected = reference_felzenszwalb(vol, (1.0, 1.0, 1.0), 1.0, min_size)
+        np.testing.assert_array_equal(felzenszwalb_3d(vol, (1.0, 1.0, 1.0), min_size=min_size), expected)
+
+
 def test_tie_order_is_by_edge_id():
     """Voxel 3 (value 10) ties (weight 10) between two blocks; the edge with the smaller id wins."""
     line = np.array([0, 0, 0, 10, 20, 20, 20], dtype=np.float64)
