@@ -151,5 +151,5 @@ def felzenszwalb_3d(
     if vol32.dtype != volume.dtype and not np.isfinite(vol32).all():
         raise ValueError("volume values exceed the float32 range")
 
-    labels, _ = _felzenszwalb3d.segment(vol32, edge_factors(spacing), float(scale), int(min_size))
+    labels, _, _ = _felzenszwalb3d.segment(vol32, edge_factors(spacing), float(scale), int(min_size))
     return labels
