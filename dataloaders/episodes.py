@@ -43,7 +43,7 @@ from torch.utils.data import Dataset
 
 from dataloaders.dataset_specifics import DatasetSpec
 from dataloaders.transforms import AugmentParams, augment_pair
-from dataloaders.volume_io import Case, list_case_ids, load_cases
+from dataloaders.volume_io import Case, _compact, list_case_ids, load_cases
 
 __all__ = [
     "SupervoxelEpisodes",
@@ -63,14 +63,7 @@ def compact_labels(volume: np.ndarray) -> np.ndarray:
 
     No copy when it already has that dtype.
     """
-    vmax = int(volume.max()) if volume.size else 0
-    if vmax < 2**8:
-        dtype = np.uint8
-    elif vmax < 2**16:
-        dtype = np.uint16
-    else:
-        dtype = np.uint32
-    return volume.astype(dtype, copy=False)
+    return _compact(volume)
 
 
 def excluded_slices(label: np.ndarray, exclude_labels: Sequence[int], mode: str = "any") -> np.ndarray:
@@ -317,6 +310,7 @@ def build_training_cases(
     use_gt: bool,
     load_label: Optional[bool] = None,
     num_workers: int = 0,
+    sv_dir: Optional[Union[str, Path]] = None,
 ) -> list:
     """Load the training volumes of a fold (all volumes not in the evaluation fold).
 
@@ -328,6 +322,7 @@ def build_training_cases(
         use_gt: Load labels instead of supervoxels (supervised episodes).
         load_label: Also load labels in self-supervised mode (needed for Setting 2). Default: True.
         num_workers: Processes used to read the files (0: this process).
+        sv_dir: Folder of the ``superpix-MIDDLE_<id>.nii.gz`` files (default ``data_dir/supervoxels_<n_sv>``).
 
     Returns:
         List of ``Case``; supervoxels are stored in the smallest unsigned dtype holding them (uint8 for a
@@ -343,11 +338,8 @@ def build_training_cases(
     else:
         sv = spec.n_sv if n_sv is None else int(n_sv)
         lab = True if load_label is None else bool(load_label)
-    cases = load_cases(data_dir, train_ids, spec, n_sv=sv, load_label=lab, num_workers=num_workers)
-    for case in cases:
-        if case.supervoxels is not None:
-            case.supervoxels = compact_labels(case.supervoxels)
-    return cases
+    return load_cases(data_dir, train_ids, spec, n_sv=sv, load_label=lab, num_workers=num_workers, sv_dir=sv_dir,
+                      compact=True)
 
 
 def build_training_episodes(

@@ -119,3 +119,21 @@ def test_write_nifti_like_roundtrip(tmp_path, data_dir):
     assert [p.name for p in out.parent.iterdir()] == ["x.nii.gz"]
     with pytest.raises(ValueError, match="does not match reference shape"):
         write_nifti_like(arr[:2], ref, tmp_path / "y.nii.gz")
+
+
+def test_compact_and_sv_dir(data_dir, tmp_path):
+    case = load_case(data_dir, 2, SPEC, n_sv=5000, compact=True)
+    assert case.supervoxels.dtype == np.uint8
+    other = tmp_path / "elsewhere"
+    arr, ref = read_nifti(data_dir / "supervoxels_5000" / "superpix-MIDDLE_2.nii.gz")
+    write_nifti_like(arr, ref, other / "superpix-MIDDLE_2.nii.gz")
+    case2 = load_case(data_dir, 2, SPEC, n_sv=5000, sv_dir=other)
+    assert np.array_equal(case2.supervoxels, case.supervoxels)
+
+
+@pytest.mark.real_data
+def test_real_chaos_case(chaos_dir):
+    case = load_case(chaos_dir, 1, SPEC, load_label=True)
+    assert case.image.shape[1:] == (256, 256) and case.label.shape == case.image.shape
+    assert set(np.unique(case.label).tolist()) == {0, 1, 2, 3, 4}
+    assert case.spacing == pytest.approx((7.7, 1.25, 1.25), abs=1e-3)
