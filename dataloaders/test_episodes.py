@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -119,7 +119,9 @@ def _three(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(img[..., None, :, :], 3, axis=-3))
 
 
-def build_test_chunks(support_case: Case, query_case: Case, label: int, n_parts: int = 3) -> list:
+def build_test_chunks(
+    support_case: Case, query_case: Case, label: int, n_parts: int = 3, *, n_part: Optional[int] = None
+) -> list:
     """EP1 chunks for one (support volume, query volume, class).
 
     Args:
@@ -127,6 +129,7 @@ def build_test_chunks(support_case: Case, query_case: Case, label: int, n_parts:
         query_case: Query volume with ``label`` loaded.
         label: Test class (training id).
         n_parts: Number of support slices / query chunks.
+        n_part: Alias of ``n_parts`` (the config key's name); wins when given.
 
     Returns:
         ``n_parts`` ``TestChunk`` s; a chunk may hold 0 query slices when the query has fewer kept slices than
@@ -135,6 +138,8 @@ def build_test_chunks(support_case: Case, query_case: Case, label: int, n_parts:
     Raises:
         ValueError: Labels not loaded, or the support or query volume lacks the class.
     """
+    if n_part is not None:
+        n_parts = int(n_part)
     for case in (support_case, query_case):
         if case.label is None:
             raise ValueError(f"{case.image_path}: test episodes need the label volume, not loaded")

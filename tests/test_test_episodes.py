@@ -67,6 +67,9 @@ def test_build_chunks_hand_made():
     assert np.all(c0.query_images[:, 1, 0, 0] == np.array([4, 5, 6]))
     assert c0.query_labels.dtype == np.uint8 and set(np.unique(c0.query_labels)) == {0, 1}
     assert c0.query_labels.sum() == 27  # binary for the class, class 1 ignored
+    two = build_test_chunks(support, query, 2, n_part=2)
+    assert [c.support_slice for c in two] == [6, 12]  # list positions int(12/4)=3, int(36/4)=9
+    assert [c.slice_indices for c in two] == [[4, 5, 6, 7, 8], [9, 10, 11, 12, 13]]
 
 
 def test_missing_class():
