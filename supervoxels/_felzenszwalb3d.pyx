@@ -28,8 +28,9 @@ Merging: pass 1 is Felzenszwalb's rule with ``k = scale / 255``; it stops early,
 weight reaches ``max(k, L + k / 2)`` (``L`` = weight of the last merge), an upper bound of every
 component's threshold ``Int(c) + k / |c|``. Pass 2 merges across edges where either side is smaller than
 ``min_size``; it skips edges whose two voxels are already known to lie in components of at least
-``min_size`` (components only grow) and stops once no component is smaller than ``min_size`` (or only
-one is left). None of these short cuts changes the result. Union-find uses union by size and path
+``min_size`` (components only grow; such an edge can never merge anything), removes them from a bucket
+before sorting it (so most of the sorting disappears), and stops once no component is smaller than
+``min_size`` (or only one is left). None of these short cuts changes the result. Union-find uses union by size and path
 halving; the partition does not depend on which root is kept, only on the merge decisions.
 """
 import numpy as np
