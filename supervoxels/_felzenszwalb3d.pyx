@@ -37,6 +37,7 @@ import numpy as np
 
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
+from libc.math cimport fabsf
 from libc.stdlib cimport free, malloc
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -117,6 +118,40 @@ cdef struct EdgeCtx:
     const float* vol
     Py_ssize_t off[N_OFFSETS]
     float c[N_OFFSETS]
+
+
+cdef inline void row_keys(const EdgeCtx* ctx, Py_ssize_t a, Py_ssize_t nx, const Py_ssize_t* xlo,
+                          const Py_ssize_t* xhi, FloatBits* kbuf) noexcept nogil:
+    """Keys of the edges of one grid row (first voxel a) into kbuf[k * nx + x] for xlo[k] <= x < xhi[k].
+
+    Same bits as :func:`edge_key` (fabsf clears the sign bit); written as plain loops the compiler
+    vectorises.
+    """
+    cdef int k
+    cdef Py_ssize_t x
+    cdef const float* p = ctx.vol + a
+    cdef const float* q
+    cdef float c
+    cdef FloatBits* out
+    for k in range(N_OFFSETS):
+        q = ctx.vol + a + ctx.off[k]
+        c = ctx.c[k]
+        out = kbuf + k * nx
+        for x in range(xlo[k], xhi[k]):
+            out[x].f = fabsf(p[x] - q[x]) * c
+
+
+cdef inline void row_ranges(Py_ssize_t z, Py_ssize_t y, Py_ssize_t nz, Py_ssize_t ny, Py_ssize_t nx,
+                            Py_ssize_t* xlo, Py_ssize_t* xhi) noexcept nogil:
+    """Range of x whose edge along offset k stays inside the grid, for the row (z, y); empty if none."""
+    cdef int k
+    for k in range(N_OFFSETS):
+        if z + OFF_DZ[k] < nz and 0 <= y + OFF_DY[k] < ny:
+            xlo[k] = 1 if OFF_DX[k] < 0 else 0
+            xhi[k] = nx - 1 if OFF_DX[k] > 0 else nx
+        else:
+            xlo[k] = 0
+            xhi[k] = 0
 
 
 cdef inline uint32_t id_key(const EdgeCtx* ctx, uint32_t e) noexcept nogil:
@@ -295,7 +330,11 @@ def segment(cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] volume not None,
     cdef uint32_t e, va, vk, vb, key, st
     cdef int32_t ra, rb, next_label = 0
     cdef int32_t neg_min = <int32_t>(-min_size if min_size < 2147483647 else -2147483647)
-    cdef bint row_ok[N_OFFSETS]
+    cdef Py_ssize_t xlo[N_OFFSETS]
+    cdef Py_ssize_t xhi[N_OFFSETS]
+    cdef FloatBits* kbuf = <FloatBits*>malloc(N_OFFSETS * nx * sizeof(FloatBits))
+    if kbuf == NULL:
+        raise MemoryError()
     cdef int status = 0
     cdef bint done
     cdef double t0, t_bucket = 0, t_pass1 = 0, t_pass2 = 0, t_relabel = 0, t_sort = 0, ts0
@@ -307,31 +346,29 @@ def segment(cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] volume not None,
             # ---- counting sort by key >> KEY_SHIFT (stable: ids emitted in ascending order) ----
             for z in range(nz):
                 for y in range(ny):
-                    for k in range(N_OFFSETS):
-                        row_ok[k] = (z + OFF_DZ[k] < nz) and (0 <= y + OFF_DY[k] < ny)
+                    row_ranges(z, y, nz, ny, nx, xlo, xhi)
                     a = (z * ny + y) * nx
-                    for x in range(nx):
-                        for k in range(N_OFFSETS):
-                            if row_ok[k] and 0 <= x + OFF_DX[k] < nx:
-                                key = edge_key(ctx.vol, a + x, a + x + ctx.off[k], ctx.c[k])
-                                bkt = key >> KEY_SHIFT
-                                starts[bkt + 1] += 1
-                                st = state[bkt]
-                                if st != key and st != BUCKET_MIXED:
-                                    state[bkt] = key if st == BUCKET_EMPTY else BUCKET_MIXED
+                    row_keys(&ctx, a, nx, xlo, xhi, kbuf)
+                    for k in range(N_OFFSETS):
+                        for x in range(xlo[k], xhi[k]):
+                            key = kbuf[k * nx + x].u
+                            bkt = key >> KEY_SHIFT
+                            starts[bkt + 1] += 1
+                            st = state[bkt]
+                            if st != key and st != BUCKET_MIXED:
+                                state[bkt] = key if st == BUCKET_EMPTY else BUCKET_MIXED
             for bkt in range(N_BUCKETS):
                 starts[bkt + 1] += starts[bkt]
             # starts[b] serves as the write cursor of bucket b, shifted back afterwards.
             for z in range(nz):
                 for y in range(ny):
-                    for k in range(N_OFFSETS):
-                        row_ok[k] = (z + OFF_DZ[k] < nz) and (0 <= y + OFF_DY[k] < ny)
+                    row_ranges(z, y, nz, ny, nx, xlo, xhi)
                     a = (z * ny + y) * nx
+                    row_keys(&ctx, a, nx, xlo, xhi, kbuf)
                     for x in range(nx):
                         for k in range(N_OFFSETS):
-                            if row_ok[k] and 0 <= x + OFF_DX[k] < nx:
-                                key = edge_key(ctx.vol, a + x, a + x + ctx.off[k], ctx.c[k])
-                                bkt = key >> KEY_SHIFT
+                            if xlo[k] <= x < xhi[k]:
+                                bkt = kbuf[k * nx + x].u >> KEY_SHIFT
                                 pos = starts[bkt]
                                 starts[bkt] = pos + 1
                                 ids[pos] = <uint32_t>((a + x) * N_OFFSETS + k)
@@ -484,6 +521,7 @@ def segment(cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] volume not None,
                     labels[a] = labels[ra]
             t_relabel = now() - t0
     finally:
+        free(kbuf)
         free(buf.ka)
         free(buf.kb)
         free(buf.itmp)
