@@ -77,12 +77,25 @@ class FewShotSeg(nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.encoder = Encoder(backbone=backbone, weights_path=weights_path, out_dim=out_dim)
-        # LTG exists in every mode so that checkpoints are interchangeable; it only runs in "learned".
+        # LTG exists in every mode so that checkpoints are interchangeable; it only runs in "learned" and
+        # its parameters are frozen (requires_grad False) otherwise, so DDP sees no unused parameters.
         self.ltg = LearnableThresholdGeneration(self.encoder.hidden_channels, dim=ltg_dim, xi_init=xi_init)
         self.dmap_mode = dmap_mode
         self.temperature = float(temperature)
         self.fixed_threshold = float(fixed_threshold)
         self.alpha = float(alpha)
+
+    @property
+    def dmap_mode(self) -> str:
+        """``learned``, ``fixed`` or ``off``; setting it (re)freezes the LTG parameters outside ``learned``."""
+        return self._dmap_mode
+
+    @dmap_mode.setter
+    def dmap_mode(self, mode: str) -> None:
+        if mode not in DMAP_MODES:
+            raise ValueError(f"dmap_mode must be one of {DMAP_MODES}, got {mode!r}")
+        self._dmap_mode = mode
+        self.ltg.requires_grad_(mode == "learned")
 
     # ------------------------------------------------------------------ input handling
     @staticmethod

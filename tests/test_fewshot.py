@@ -62,6 +62,9 @@ def test_gradients_reach_ltg_only_in_learned_mode(mode):
         assert not missing, f"LTG parameters without gradient: {missing}"
     else:
         assert all(g is None for g in ltg_grads.values())
+        assert not any(p.requires_grad for p in model.ltg.parameters())  # frozen: nothing unused for DDP
+        model.dmap_mode = "learned"
+        assert all(p.requires_grad for p in model.ltg.parameters())
     assert model.encoder.reduce.weight.grad is not None and model.encoder.tau_head.weight.grad is not None
 
 
