@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
