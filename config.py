@@ -1,0 +1,267 @@
+"""Sacred configuration shared by ``training.py`` and ``test.py``.
+
+Every default follows the DMAP paper scripts (DESIGN.md section 4). Relative paths in the config are
+relative to the repository root, so a run behaves the same whatever the working directory.
+
+Override from the command line, e.g.::
+
+    python training.py with dataset=CHAOST2 setting=2 eval_fold=2 data_root=../shared/data
+    python test.py with dataset=CHAOST2 eval_fold=2 reload_model_path=runs/.../final.pth
+    python training.py with demo            # named configs: chaos sabs cmr synth setting2 demo smoke
+
+Library code never sees Sacred: :func:`resolve_config` turns the Sacred dict (or one made by
+:func:`build_config`) into a plain, validated dict that ``training.train`` and ``test.run_test`` take.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from sacred import SETTINGS, Experiment
+from sacred.observers import FileStorageObserver
+
+from dataloaders.dataset_specifics import DATASETS, get_dataset_spec
+from util.distributed import is_main_process
+
+REPO_ROOT = Path(__file__).resolve().parent
+DMAP_MODES = ("learned", "fixed", "off")
+AMP_MODES = ("off", "bf16", "fp16")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+# tqdm and DataLoader workers do not mix with Sacred's stdout capture
+SETTINGS.CAPTURE_MODE = "no"
+SETTINGS.CONFIG.READ_ONLY_CONFIG = False
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, reported before any work starts."""
+
+
+def default_config() -> dict[str, Any]:
+    """Default configuration: every key a run reads, with the paper's values."""
+    return dict(
+        seed=2025,
+        dataset="CHAOST2",  # CHAOST2 | SABS | CMR | SYNTH
+        data_root="data",  # holds one folder per data set
+        data_dir=None,  # None -> <data_root>/<dataset>
+        n_sv=None,  # supervoxel min_size; None -> the data set's default (5000 abdominal, 1000 cardiac)
+        eval_fold=0,
+        setting=1,  # 1: test organs may appear unlabelled in training; 2: slices with them are excluded
+        test_label=None,  # None -> the data set's benchmark organs
+        exclude_label=None,  # None -> test_label in setting 2, nothing in setting 1
+        exclude_mode="any",  # "any" (correct setting 2) or "all" (peer-code behaviour)
+        use_gt=False,  # supervised episodes from ground truth instead of supervoxels
+        n_shot=1,
+        augment=True,
+        min_fg_pixels=200,  # self-supervised episodes: pixels in the larger of the two masks
+
+        model={
+            "backbone": "resnet101",
+            "weights_path": "",  # local DeepLabv3-COCO or ImageNet ResNet checkpoint; "" -> random init
+            "dmap_mode": "learned",  # learned | fixed | off
+            "temperature": 0.05,  # soft selection sigmoid((s - xi) / temperature) in training
+            "fixed_threshold": 0.9,
+            "alpha": 10.0,
+            "freeze_bn": False,  # batch-norm layers use running statistics in training
+        },
+        optim={"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4},
+        lr_step_size=3000,
+        lr_gamma=0.98,
+        n_steps=35000,
+        batch_size=1,  # episodes per step (per process under torchrun)
+        save_snapshot_every=5000,
+        keep_snapshots=2,  # step snapshots kept besides final.pth
+        log_every=20,
+        resume=False,
+
+        device="auto",  # auto | cpu | cuda | cuda:N
+        num_workers=2,
+        amp="off",  # off | bf16 | fp16
+        channels_last=False,
+        cudnn_benchmark=True,
+        num_threads=0,  # torch CPU threads; 0 -> torch default
+
+        # evaluation (test.py)
+        supp_idx=0,
+        rotate_support=False,  # evaluate with every fold member as support, report mean and spread
+        n_part=3,
+        eval_batch=8,  # query slices per forward
+        reload_model_path=None,  # None -> <run_dir>/snapshots/final.pth
+        save_predictions=True,
+        n_overlays=3,  # PNG overlays per class and query volume
+
+        tag="",  # appended to the experiment name
+        path={"log_dir": "runs"},
+        tensorboard=True,
+    )
+
+
+NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    "chaos": {"dataset": "CHAOST2"},
+    "sabs": {"dataset": "SABS"},
+    "cmr": {"dataset": "CMR"},
+    "synth": {"dataset": "SYNTH"},
+    "setting2": {"setting": 2},
+    # the embedded synthetic demo: small backbone and phantoms so it trains on two CPU cores in minutes
+    "demo": {
+        "dataset": "SYNTH",
+        "data_root": "runs/demo/data",
+        "path": {"log_dir": "runs/demo"},
+        "model": {"backbone": "resnet18"},
+        "n_steps": 1500,
+        "save_snapshot_every": 500,
+        "lr_step_size": 300,
+        "optim": {"lr": 1e-2},
+        "log_every": 10,
+        "num_workers": 1,
+    },
+    # a few steps on tiny synthetic data: the end-to-end test
+    "smoke": {
+        "dataset": "SYNTH",
+        "model": {"backbone": "resnet18"},
+        "n_steps": 4,
+        "save_snapshot_every": 2,
+        "log_every": 1,
+        "num_workers": 0,
+        "eval_batch": 4,
+        "n_overlays": 1,
+        "tensorboard": False,
+    },
+}
+
+
+def make_experiment(name: str) -> Experiment:
+    """A Sacred experiment with the shared config, the named configs and a file observer.
+
+    The observer writes under ``<path.log_dir>/<experiment name>/<name>/<run id>/`` on the main process
+    only, so ``torchrun`` workers do not each create a run folder.
+    """
+    ex = Experiment(name, save_git_info=False)
+    ex.add_config(default_config())
+    for config_name, values in NAMED_CONFIGS.items():
+        ex.add_named_config(config_name, copy.deepcopy(values))
+
+    @ex.config_hook
+    def add_observer(config, command_name, logger):  # noqa: ARG001 (Sacred passes these by name)
+        # replace, not add: a process (a notebook, the tests) may run the experiment several times
+        ex.observers[:] = [o for o in ex.observers if not isinstance(o, FileStorageObserver)]
+        if is_main_process():
+            ex.observers.append(FileStorageObserver(str(run_dir(config) / name)))
+        return {}
+
+    return ex
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def build_config(named_configs: tuple[str, ...] | list[str] = (), updates: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config Sacred would build for ``with <named_configs> <updates>``, without Sacred.
+
+    For notebooks and tests; nested dicts are merged key by key, as Sacred does.
+    """
+    cfg = default_config()
+    for name in named_configs:
+        if name not in NAMED_CONFIGS:
+            raise ConfigError(f"unknown named config {name!r}; valid: {', '.join(NAMED_CONFIGS)}")
+        cfg = _merge(cfg, NAMED_CONFIGS[name])
+    return _merge(cfg, updates or {})
+
+
+def repo_path(value: str | os.PathLike) -> Path:
+    """Resolve a config path: absolute paths as given, relative ones against the repository root."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def experiment_name(cfg: dict[str, Any]) -> str:
+    """Folder name of a run, e.g. ``CHAOST2_setting1_fold0_learned``."""
+    name = f"{cfg['dataset']}_setting{cfg['setting']}_fold{cfg['eval_fold']}_{cfg['model']['dmap_mode']}"
+    return f"{name}_{cfg['tag']}" if cfg.get("tag") else name
+
+
+def run_dir(cfg: dict[str, Any]) -> Path:
+    """Where a run writes: snapshots, Sacred runs, predictions."""
+    return repo_path(cfg["path"]["log_dir"]) / experiment_name(cfg)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def resolve_config(config: dict[str, Any], need_data: bool = True) -> dict[str, Any]:
+    """Validate a config and fill the values derived from the data-set registry.
+
+    Args:
+        config: the Sacred config (or any dict with the keys of :func:`base_config`).
+        need_data: check that the data folder exists.
+
+    Returns:
+        A new dict with ``data_dir`` (absolute), ``n_sv``, ``test_label``, ``exclude_label`` filled in and
+        ``run_dir`` / ``snapshot_dir`` added.
+
+    Raises:
+        ConfigError: one line naming the config key and what was expected.
+    """
+    cfg = copy.deepcopy(dict(config))
+    _require(cfg["dataset"] in DATASETS,
+             f"config key 'dataset' is {cfg['dataset']!r}; valid data sets: {', '.join(sorted(DATASETS))}")
+    spec = get_dataset_spec(cfg["dataset"])
+    _require(isinstance(cfg["eval_fold"], int) and 0 <= cfg["eval_fold"] < spec.n_folds,
+             f"config key 'eval_fold' is {cfg['eval_fold']!r}; expected 0..{spec.n_folds - 1}")
+    _require(cfg["setting"] in (1, 2), f"config key 'setting' is {cfg['setting']!r}; expected 1 or 2")
+    _require(cfg["exclude_mode"] in ("any", "all"),
+             f"config key 'exclude_mode' is {cfg['exclude_mode']!r}; expected 'any' or 'all'")
+    model = cfg["model"]
+    _require(model["dmap_mode"] in DMAP_MODES,
+             f"config key 'model.dmap_mode' is {model['dmap_mode']!r}; expected one of {DMAP_MODES}")
+    _require(model["backbone"] in BACKBONES,
+             f"config key 'model.backbone' is {model['backbone']!r}; expected one of {BACKBONES}")
+    _require(cfg["amp"] in AMP_MODES, f"config key 'amp' is {cfg['amp']!r}; expected one of {AMP_MODES}")
+    for key in ("n_steps", "batch_size", "n_shot", "save_snapshot_every", "lr_step_size", "eval_batch", "n_part"):
+        _require(isinstance(cfg[key], int) and cfg[key] >= 1, f"config key '{key}' is {cfg[key]!r}; expected an integer >= 1")
+    _require(isinstance(cfg["num_workers"], int) and cfg["num_workers"] >= 0,
+             f"config key 'num_workers' is {cfg['num_workers']!r}; expected an integer >= 0")
+
+    try:
+        test_label = spec.test_labels if cfg["test_label"] is None else spec.check_labels(cfg["test_label"])
+        if cfg["exclude_label"] is None:
+            exclude_label = test_label if cfg["setting"] == 2 else ()
+        else:
+            exclude_label = spec.check_labels(cfg["exclude_label"])
+    except ValueError as exc:
+        raise ConfigError(f"config key 'test_label'/'exclude_label': {exc}") from None
+    cfg["test_label"] = [int(x) for x in test_label]
+    cfg["exclude_label"] = [int(x) for x in exclude_label]
+    cfg["n_sv"] = int(spec.n_sv if cfg["n_sv"] is None else cfg["n_sv"])
+
+    data_dir = repo_path(cfg["data_dir"]) if cfg["data_dir"] else repo_path(cfg["data_root"]) / spec.name
+    if need_data:
+        _require(data_dir.is_dir(), f"config key 'data_dir'/'data_root': data folder {data_dir} does not exist "
+                                    f"(prepare it with script/prepare_data.sh or set data_root=...)")
+    cfg["data_dir"] = str(data_dir)
+    if model["weights_path"]:
+        weights = repo_path(model["weights_path"])
+        _require(weights.is_file(), f"config key 'model.weights_path': {weights} is not a file")
+        model["weights_path"] = str(weights)
+    if cfg["reload_model_path"]:
+        cfg["reload_model_path"] = str(repo_path(cfg["reload_model_path"]))
+    cfg["run_dir"] = str(run_dir(cfg))
+    cfg["snapshot_dir"] = str(run_dir(cfg) / "snapshots")
+    return cfg
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Plain one-line log records for the command-line entry points."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Evaluate trained DMAP models on each fold (EP1, 1-way 1-shot), then summarise over folds.
+#
+#   DATASET=CHAOST2 SETTING=1 DATA_ROOT=../shared/data bash script/test.sh
+#   ROTATE=1 bash script/test.sh        # every fold member serves as support in turn
+#
+# Environment (defaults): DATASET (CHAOST2), SETTING (1), DATA_ROOT (data), FOLDS ("0 1 2 3 4"),
+# SUPP_IDX (0), ROTATE (0), MODE (learned), LOG_DIR (runs), GPU (unset), PYTHON (python).
+# Arguments are passed to test.py as Sacred overrides.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DATASET=${DATASET:-CHAOST2}
+SETTING=${SETTING:-1}
+DATA_ROOT=${DATA_ROOT:-data}
+FOLDS=${FOLDS:-"0 1 2 3 4"}
+SUPP_IDX=${SUPP_IDX:-0}
+ROTATE=${ROTATE:-0}
+MODE=${MODE:-learned}
+LOG_DIR=${LOG_DIR:-runs}
+PYTHON=${PYTHON:-python}
+if [ -n "${GPU:-}" ]; then export CUDA_VISIBLE_DEVICES="$GPU"; fi
+rotate=False; [ "$ROTATE" = "1" ] && rotate=True
+
+for fold in $FOLDS; do
+  echo "== testing $DATASET setting $SETTING fold $fold (support position $SUPP_IDX, rotate $rotate)"
+  "$PYTHON" test.py with dataset="$DATASET" setting="$SETTING" eval_fold="$fold" data_root="$DATA_ROOT" \
+    supp_idx="$SUPP_IDX" rotate_support="$rotate" model.dmap_mode="$MODE" path.log_dir="$LOG_DIR" "$@"
+done
+"$PYTHON" script/summarize.py "$LOG_DIR"

@@ -1,0 +1,232 @@
+"""Evaluate a trained DMAP model under the EP1 1-way 1-shot protocol (DESIGN.md section 3).
+
+    python test.py with dataset=CHAOST2 eval_fold=0 data_root=../shared/data
+    python test.py with dataset=CHAOST2 eval_fold=0 rotate_support=True reload_model_path=path/to/final.pth
+
+For each test class and each query volume of the fold, the query's slices that contain the class are cut
+into ``n_part`` chunks; chunk k is segmented with the support slice at position k (1/6, 1/2, 5/6 of the
+support's labelled slices), the support being encoded once per chunk. Scores are 3-D over the kept slices.
+Beside the model, the copy-the-support baseline (each query slice predicted as its chunk's support mask)
+shows what the model adds.
+
+Writes to ``<run_dir>/results/``: ``results.json``, ``results.csv``, ``predictions/query_<id>.nii.gz``
+(label maps in the query's geometry) and ``overlays/*.png`` (green ground truth, red prediction).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from config import ConfigError, configure_logging, make_experiment, resolve_config
+from dataloaders.dataset_specifics import DatasetSpec, get_dataset_spec
+from dataloaders.test_episodes import build_test_chunks, split_fold
+from dataloaders.volume_io import Case, list_case_ids, load_case, read_nifti, write_nifti_like
+from models.fewshot import FewShotSeg
+from training import AMP_DTYPES, build_model
+from util.checkpoints import FINAL_NAME, load_model_weights
+from util.distributed import select_device
+from util.metrics import segmentation_scores
+from util.visualisation import save_overlay
+
+LOGGER = logging.getLogger("test")
+SCORES = ("dice", "iou", "precision", "recall")
+
+
+@torch.inference_mode()
+def predict_query(model: FewShotSeg, support: Case, query: Case, label: int, n_part: int, eval_batch: int,
+                  device: torch.device, amp: str = "off") -> dict[str, np.ndarray]:
+    """Segment the slices of ``query`` that contain ``label``.
+
+    Returns:
+        ``slices`` [n] slice indices in the query volume, ``prob`` [n, H, W] float32 foreground
+        probability, ``copy`` [n, H, W] uint8 copy-the-support baseline, ``target`` [n, H, W] uint8.
+    """
+    autocast = (torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp in AMP_DTYPES
+                else contextlib.nullcontext())
+    slices, probs, copies, targets = [], [], [], []
+    for chunk in build_test_chunks(support, query, label, n_part=n_part):
+        support_image = torch.as_tensor(chunk.support_image)[None].to(device)
+        support_mask = torch.as_tensor(chunk.support_mask)[None].to(device)
+        with autocast:
+            encoding = model.encode_support(support_image, support_mask)
+            for start in range(0, len(chunk.query_images), eval_batch):
+                batch = torch.as_tensor(chunk.query_images[start:start + eval_batch]).to(device)
+                prob, _ = model.segment(encoding, batch)
+                probs.append(prob[:, 1].float().cpu().numpy())
+        slices.extend(chunk.slice_indices)
+        copies.append(np.repeat((chunk.support_mask > 0.5)[None], len(chunk.slice_indices), 0).astype(np.uint8))
+        targets.append(np.asarray(chunk.query_labels, dtype=np.uint8))
+    return {"slices": np.asarray(slices, dtype=np.int64), "prob": np.concatenate(probs),
+            "copy": np.concatenate(copies), "target": np.concatenate(targets)}
+
+
+def _mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]} if rows else {}
+
+
+def evaluate_support(model: FewShotSeg, cases: list[Case], supp_idx: int, spec: DatasetSpec, labels: list[int],
+                     cfg: dict[str, Any], device: torch.device, out_dir: Path | None) -> dict[str, Any]:
+    """EP1 with the fold member at position ``supp_idx`` as support and the others as queries.
+
+    When ``out_dir`` is given, predictions (NIfTI label maps) and overlays are written there.
+    """
+    support, queries = cases[supp_idx], [c for i, c in enumerate(cases) if i != supp_idx]
+    classes: dict[str, Any] = {}
+    label_maps = {q.case_id: (np.zeros(q.image.shape, np.uint8), np.zeros(q.image.shape, np.float32))
+                  for q in queries}
+    for label in labels:
+        name = spec.label_names[label]
+        per_query: dict[str, Any] = {}
+        for query in queries:
+            result = predict_query(model, support, query, label, cfg["n_part"], cfg["eval_batch"], device, cfg["amp"])
+            pred = (result["prob"] > 0.5).astype(np.uint8)
+            per_query[str(query.case_id)] = {
+                "model": segmentation_scores(pred, result["target"]),
+                "copy_support": segmentation_scores(result["copy"], result["target"]),
+                "n_slices": int(len(result["slices"])),
+            }
+            labels_vol, best_prob = label_maps[query.case_id]
+            for i, z in enumerate(result["slices"]):
+                better = (result["prob"][i] > 0.5) & (result["prob"][i] > best_prob[z])
+                labels_vol[z][better], best_prob[z][better] = label, result["prob"][i][better]
+            if out_dir is not None and cfg["n_overlays"] > 0:
+                picks = np.unique(np.linspace(0, len(result["slices"]) - 1, cfg["n_overlays"]).round().astype(int))
+                for i in picks:
+                    z = int(result["slices"][i])
+                    save_overlay(out_dir / "overlays" / f"{name}_query{query.case_id}_z{z:03d}.png",
+                                 query.image[z], result["target"][i], pred[i])
+        classes[name] = {
+            "label": label,
+            "model": _mean_scores([q["model"] for q in per_query.values()]),
+            "copy_support": _mean_scores([q["copy_support"] for q in per_query.values()]),
+            "per_query": per_query,
+        }
+    if out_dir is not None:
+        for query in queries:
+            _, reference = read_nifti(query.image_path)
+            write_nifti_like(label_maps[query.case_id][0], reference,
+                             out_dir / "predictions" / f"query_{query.case_id}.nii.gz")
+    return {
+        "supp_idx": supp_idx,
+        "support_id": support.case_id,
+        "classes": classes,
+        "mean": {method: _mean_scores([c[method] for c in classes.values()]) for method in ("model", "copy_support")},
+    }
+
+
+def evaluate_fold(model: FewShotSeg, cfg: dict[str, Any], device: torch.device,
+                  out_dir: Path | None) -> dict[str, Any]:
+    """Run EP1 on the evaluation fold (optionally rotating the support) and aggregate the scores."""
+    spec = get_dataset_spec(cfg["dataset"])
+    _, test_ids = split_fold(list_case_ids(cfg["data_dir"]), spec, cfg["eval_fold"])
+    cases = [load_case(cfg["data_dir"], case_id, spec, n_sv=None, load_label=True) for case_id in test_ids]
+    if not 0 <= cfg["supp_idx"] < len(cases):
+        raise ConfigError(f"config key 'supp_idx' is {cfg['supp_idx']}; fold {cfg['eval_fold']} has "
+                          f"{len(cases)} volumes (0..{len(cases) - 1})")
+    order = [cfg["supp_idx"]] + ([i for i in range(len(cases)) if i != cfg["supp_idx"]] if cfg["rotate_support"] else [])
+    runs = []
+    for i, supp_idx in enumerate(order):
+        LOGGER.info("support volume %d (position %d of fold %d)", cases[supp_idx].case_id, supp_idx, cfg["eval_fold"])
+        # predictions and pictures for the configured support only
+        runs.append(evaluate_support(model, cases, supp_idx, spec, cfg["test_label"], cfg, device,
+                                     out_dir if i == 0 else None))
+    summary: dict[str, Any] = {
+        "dataset": cfg["dataset"], "setting": cfg["setting"], "eval_fold": cfg["eval_fold"],
+        "test_ids": [int(x) for x in test_ids], "test_label": cfg["test_label"],
+        "classes": {}, "mean": {}, "supports": runs,
+    }
+    for name in runs[0]["classes"]:
+        summary["classes"][name] = {
+            method: {key: float(np.mean([r["classes"][name][method][key] for r in runs])) for key in SCORES}
+            for method in ("model", "copy_support")
+        }
+        summary["classes"][name]["dice_std_over_supports"] = float(
+            np.std([r["classes"][name]["model"]["dice"] for r in runs]))
+    for method in ("model", "copy_support"):
+        summary["mean"][method] = {key: float(np.mean([r["mean"][method][key] for r in runs])) for key in SCORES}
+    summary["mean"]["dice_std_over_supports"] = float(np.std([r["mean"]["model"]["dice"] for r in runs]))
+    return summary
+
+
+def write_results(summary: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """``results.json`` (everything) and ``results.csv`` (one row per support, class, query and method)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out_dir / "results.json", out_dir / "results.csv"
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, json_path)
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["support_id", "class", "query_id", "method", *SCORES, "n_slices"])
+        for run in summary["supports"]:
+            for name, cls in run["classes"].items():
+                for query_id, row in cls["per_query"].items():
+                    for method in ("model", "copy_support"):
+                        writer.writerow([run["support_id"], name, query_id, method,
+                                         *(f"{row[method][k]:.4f}" for k in SCORES), row["n_slices"]])
+    return json_path, csv_path
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Dice per class for the model and the copy-the-support baseline, as text."""
+    lines = [f"{'class':<16}{'Dice':>8}{'IoU':>8}{'Prec':>8}{'Recall':>8}{'copy Dice':>11}"]
+    rows = list(summary["classes"].items()) + [("mean", summary["mean"])]
+    for name, cls in rows:
+        m = cls["model"]
+        lines.append(f"{name:<16}{m['dice']:8.4f}{m['iou']:8.4f}{m['precision']:8.4f}{m['recall']:8.4f}"
+                     f"{cls['copy_support']['dice']:11.4f}")
+    return "\n".join(lines)
+
+
+def run_test(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """Load the checkpoint named by the config, evaluate, write the results; returns (summary, out_dir)."""
+    device = select_device(cfg["device"])
+    if cfg["num_threads"]:
+        torch.set_num_threads(cfg["num_threads"])
+    checkpoint = Path(cfg["reload_model_path"] or Path(cfg["snapshot_dir"]) / FINAL_NAME)
+    if not checkpoint.is_file():
+        raise ConfigError(f"config key 'reload_model_path': no checkpoint at {checkpoint} (train first, or "
+                          "pass reload_model_path=...)")
+    model_cfg = dict(cfg["model"], weights_path="")  # the checkpoint holds every weight
+    model = build_model(model_cfg)
+    n_loaded = load_model_weights(model, checkpoint)
+    LOGGER.info("loaded %d tensors from %s", n_loaded, checkpoint)
+    model.to(device).eval()
+    out_dir = Path(cfg["run_dir"]) / "results"
+    summary = evaluate_fold(model, cfg, device, out_dir if cfg["save_predictions"] else None)
+    summary["checkpoint"] = str(checkpoint)
+    write_results(summary, out_dir)
+    return summary, out_dir
+
+
+ex = make_experiment("test")
+
+
+@ex.main
+def main(_run, _config):
+    """Sacred entry point: validate, evaluate, print the table, store results as artifacts."""
+    try:
+        cfg = resolve_config(_config)
+        summary, out_dir = run_test(cfg)
+    except ConfigError as exc:
+        raise SystemExit(f"config error: {exc}") from None
+    print(format_table(summary))
+    print(f"results: {out_dir / 'results.json'}")
+    for name in ("results.json", "results.csv"):
+        _run.add_artifact(str(out_dir / name), name)
+    for name, cls in summary["classes"].items():
+        _run.log_scalar(f"dice/{name}", cls["model"]["dice"])
+    return summary["mean"]["model"]["dice"]
+
+
+if __name__ == "__main__":
+    configure_logging()
+    ex.run_commandline()
