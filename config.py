@@ -48,6 +48,7 @@ def default_config() -> dict[str, Any]:
         data_root="data",  # holds one folder per data set
         data_dir=None,  # None -> <data_root>/<dataset>
         n_sv=None,  # supervoxel min_size; None -> the data set's default (5000 abdominal, 1000 cardiac)
+        supervoxel_dir=None,  # None -> <data_dir>/supervoxels_<n_sv>; set it when data_dir is read-only
         eval_fold=0,
         setting=1,  # 1: test organs may appear unlabelled in training; 2: slices with them are excluded
         test_label=None,  # None -> the data set's benchmark organs
@@ -67,6 +68,7 @@ def default_config() -> dict[str, Any]:
             "alpha": 10.0,
             "freeze_bn": False,  # batch-norm layers use running statistics in training
         },
+        loss={"gamma": 0.7, "class_weights": [0.1, 1.0]},  # focal loss; weights (background, foreground)
         optim={"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4},
         lr_step_size=3000,
         lr_gamma=0.98,
@@ -76,6 +78,7 @@ def default_config() -> dict[str, Any]:
         keep_snapshots=2,  # step snapshots kept besides final.pth
         log_every=20,
         resume=False,
+        time_limit_min=0,  # > 0: stop cleanly after this many minutes (weights saved; resume=True continues)
 
         device="auto",  # auto | cpu | cuda | cuda:N
         num_workers=2,
@@ -200,12 +203,13 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def resolve_config(config: dict[str, Any], need_data: bool = True) -> dict[str, Any]:
+def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervoxels: bool = True) -> dict[str, Any]:
     """Validate a config and fill the values derived from the data-set registry.
 
     Args:
         config: the Sacred config (or any dict with the keys of :func:`base_config`).
         need_data: check that the data folder exists.
+        need_supervoxels: with ``need_data``, also check the supervoxel folder (training without use_gt).
 
     Returns:
         A new dict with ``data_dir`` (absolute), ``n_sv``, ``test_label``, ``exclude_label`` filled in and
@@ -251,6 +255,11 @@ def resolve_config(config: dict[str, Any], need_data: bool = True) -> dict[str, 
         _require(data_dir.is_dir(), f"config key 'data_dir'/'data_root': data folder {data_dir} does not exist "
                                     f"(prepare it with script/prepare_data.sh or set data_root=...)")
     cfg["data_dir"] = str(data_dir)
+    sv_dir = repo_path(cfg["supervoxel_dir"]) if cfg["supervoxel_dir"] else data_dir / f"supervoxels_{cfg['n_sv']}"
+    if need_data and need_supervoxels and not cfg["use_gt"]:
+        _require(sv_dir.is_dir(), f"config key 'supervoxel_dir': {sv_dir} does not exist (generate it with "
+                                  f"supervoxels/generate_supervoxels.py --data-dir {data_dir} --n-sv {cfg['n_sv']})")
+    cfg["supervoxel_dir"] = str(sv_dir)
     if model["weights_path"]:
         weights = repo_path(model["weights_path"])
         _require(weights.is_file(), f"config key 'model.weights_path': {weights} is not a file")

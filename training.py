@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -79,7 +80,8 @@ def build_model(model_cfg: dict[str, Any]) -> FewShotSeg:
 def build_episodes(cfg: dict[str, Any]) -> torch.utils.data.Dataset:
     """Training episodes for every step of the run (all ranks share one indexable stream)."""
     spec = get_dataset_spec(cfg["dataset"])
-    cases = build_training_cases(cfg["data_dir"], spec, cfg["eval_fold"], n_sv=cfg["n_sv"], use_gt=cfg["use_gt"])
+    cases = build_training_cases(cfg["data_dir"], spec, cfg["eval_fold"], n_sv=cfg["n_sv"], use_gt=cfg["use_gt"],
+                                 sv_dir=cfg["supervoxel_dir"])
     world_size = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
     n_episodes = cfg["n_steps"] * cfg["batch_size"] * world_size
     common = dict(n_episodes=n_episodes, n_shot=cfg["n_shot"], exclude_labels=tuple(cfg["exclude_label"]),
@@ -98,15 +100,28 @@ def set_train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
                 module.eval()
 
 
-def episode_loss(probs: torch.Tensor, query_masks: torch.Tensor) -> torch.Tensor:
+def episode_loss(probs: torch.Tensor, query_masks: torch.Tensor, gamma: float = 0.7,
+                 class_weights: tuple[float, float] = (0.1, 1.0)) -> torch.Tensor:
     """Focal loss of each episode, averaged over the episodes of the batch.
 
     Args:
         probs: [B, Q, 2, H, W] background/foreground probabilities.
         query_masks: [B, Q, H, W] binary ground truth.
+        gamma, class_weights: focal-loss parameters (the paper: 0.7 and background 0.1 / foreground 1.0).
     """
-    losses = [focal_loss(probs[b].float(), query_masks[b]) for b in range(probs.shape[0])]
+    losses = [focal_loss(probs[b].float(), query_masks[b], gamma=gamma, class_weights=tuple(class_weights))
+              for b in range(probs.shape[0])]
     return torch.stack(losses).mean()
+
+
+def _time_is_up(deadline: float, ctx: DistributedContext) -> bool:
+    """Whether the wall-clock budget is spent, agreed by all ranks (rank 0's clock decides)."""
+    if deadline == math.inf:
+        return False
+    up = torch.tensor([float(time.monotonic() >= deadline)], device=ctx.device)
+    if ctx.distributed:
+        torch.distributed.broadcast(up, src=0)
+    return bool(up.item())
 
 
 def _prune_snapshots(snapshot_dir: Path, keep: int) -> None:
@@ -202,6 +217,7 @@ def _train(cfg: dict[str, Any], ctx: DistributedContext, sacred_run: Any,
         barrier(ctx)
 
     step = start_step
+    deadline = time.monotonic() + 60 * cfg["time_limit_min"] if cfg["time_limit_min"] > 0 else math.inf
     progress = tqdm(total=cfg["n_steps"], initial=start_step, disable=not ctx.is_main, desc="train",
                     dynamic_ncols=True)
     try:
@@ -214,7 +230,7 @@ def _train(cfg: dict[str, Any], ctx: DistributedContext, sacred_run: Any,
                         else contextlib.nullcontext())
             with autocast:
                 probs, aux = net(support_images, support_masks, query_images)
-            loss = episode_loss(probs, query_masks)
+            loss = episode_loss(probs, query_masks, cfg["loss"]["gamma"], cfg["loss"]["class_weights"])
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; lower optim.lr or use amp=off")
             optimizer.zero_grad(set_to_none=True)
@@ -239,6 +255,11 @@ def _train(cfg: dict[str, Any], ctx: DistributedContext, sacred_run: Any,
                     _prune_snapshots(snapshot_dir, cfg["keep_snapshots"])
             if step_callback is not None:
                 step_callback(step, model)
+            if _time_is_up(deadline, ctx):
+                LOGGER.warning("time_limit_min=%s reached after %d of %d steps; the weights so far are saved and "
+                               "resume=True continues", cfg["time_limit_min"], step, cfg["n_steps"])
+                snapshot(step, snapshot_dir / step_checkpoint_name(step))
+                break
     except KeyboardInterrupt:
         if step > start_step:
             LOGGER.warning("interrupted: saving step %d so resume=True continues from it", step)
@@ -250,7 +271,7 @@ def _train(cfg: dict[str, Any], ctx: DistributedContext, sacred_run: Any,
             scalars.close()
     snapshot(step, final_path)
     if ctx.is_main:
-        LOGGER.info("finished %d steps; weights in %s", step, final_path)
+        LOGGER.info("stopped after %d of %d steps; weights in %s", step, cfg["n_steps"], final_path)
     return final_path
 
 

@@ -58,6 +58,14 @@ def test_interrupted_run_resumes_to_the_same_weights(synth_root, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_time_limit_stops_cleanly_and_resume_finishes(synth_root, tmp_path):
+    cfg = resolved_smoke(synth_root, tmp_path, time_limit_min=1e-6)
+    final = training.train(cfg)
+    assert load_checkpoint(final)["step"] == 1  # the budget is checked after each step
+    final = training.train(dict(cfg, resume=True, time_limit_min=0))
+    assert load_checkpoint(final)["step"] == cfg["n_steps"]
+
+
 def test_sacred_train_then_test_writes_results(synth_root, tmp_path):
     updates = smoke_updates(synth_root, tmp_path)
     train_run = training.ex.run(named_configs=["smoke"], config_updates=updates)
