@@ -108,14 +108,17 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     "cmr": {"dataset": "CMR"},
     "synth": {"dataset": "SYNTH"},
     "setting2": {"setting": 2},
-    # the embedded synthetic demo: small backbone and phantoms so it trains on two CPU cores in minutes
+    # the embedded synthetic demo: small backbone and phantoms so it trains on two CPU cores in minutes.
+    # From random weights the paper's background weight 0.1 makes the model over-segment (measured on the
+    # demo: recall 0.99, precision 0.33, Dice 0.48); 0.5 suits a backbone trained from scratch.
     "demo": {
         "dataset": "SYNTH",
         "data_root": "runs/demo/data",
         "path": {"log_dir": "runs/demo"},
         "model": {"backbone": "resnet18"},
-        "n_steps": 1500,
-        "save_snapshot_every": 500,
+        "n_steps": 1200,
+        "loss": {"class_weights": [0.5, 1.0]},
+        "save_snapshot_every": 400,
         "lr_step_size": 300,
         "optim": {"lr": 1e-2},
         "log_every": 10,

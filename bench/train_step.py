@@ -4,6 +4,7 @@ Usage::
 
     python bench/train_step.py [--size 256] [--threads 2] [--n 5] [--mode learned] [--backbone resnet101]
                                [--device cpu] [--amp off|bf16|fp16] [--channels-last] [--batch-size 1]
+                               [--eval-batch 8]
 
 Measurements (the peak memory of each in a fresh subprocess, ``ru_maxrss``, so that one does not hide
 in another's):
@@ -51,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--batch-size", type=int, default=1, help="episodes per step (5-D batched inputs)")
+    p.add_argument("--eval-batch", type=int, default=8,
+                   help="query slices per segment() call with one encoded support (evaluation throughput)")
     p.add_argument("--worker", choices=["timing", "step", "backbone", "eval"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -187,8 +190,13 @@ def run_worker(args) -> dict:
             encoding = encode()
             full, enc_times, seg = _time_interleaved(
                 [lambda: model(si, sm, qi), encode, lambda: model.segment(encoding, qi)], args.n, device)
+            # a chunk of query slices segmented with one support, as test.py does (eval_batch)
+            chunk_encoding = model.encode_support(si[0], sm[0])
+            chunk = qi[0].repeat(args.eval_batch, 1, 1, 1)
+            (chunk_times,) = _time_interleaved([lambda: model.segment(chunk_encoding, chunk)], args.n, device)
         result.update(full_forward_s=full, encode_support_s=enc_times, eval_slice_s=seg,
-                      ratios=[a / b for a, b in zip(seg, full)])
+                      ratios=[a / b for a, b in zip(seg, full)],
+                      eval_slices_per_s=[args.eval_batch / t for t in chunk_times])
     result["peak_rss_mb"] = _peak_rss_mb()
     result["import_rss_mb"] = import_rss_mb
     if device.type == "cuda":
@@ -200,7 +208,8 @@ def run_worker(args) -> dict:
 def _spawn(args, worker: str) -> dict:
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--size", str(args.size),
             "--threads", str(args.threads), "--n", str(args.n), "--mode", args.mode, "--backbone", args.backbone,
-            "--device", args.device, "--amp", args.amp, "--batch-size", str(args.batch_size)]
+            "--device", args.device, "--amp", args.amp, "--batch-size", str(args.batch_size),
+            "--eval-batch", str(args.eval_batch)]
     if args.channels_last:
         argv.append("--channels-last")
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
@@ -229,7 +238,8 @@ def main(argv=None) -> None:
           f"(torch import alone {step['import_rss_mb']:.0f} MB)", flush=True)
     ev = _spawn(args, "eval")
     print(f"eval      : full forward {med(ev['full_forward_s']):.3f} s, encode_support "
-          f"{med(ev['encode_support_s']):.3f} s, per query slice {med(ev['eval_slice_s']):.3f} s  "
+          f"{med(ev['encode_support_s']):.3f} s, per query slice {med(ev['eval_slice_s']):.3f} s, "
+          f"{med(ev['eval_slices_per_s']):.2f} slices/s in chunks of {args.eval_batch}  "
           f"peak RSS {ev['peak_rss_mb']:.0f} MB", flush=True)
     import torch
     summary = {
@@ -245,6 +255,7 @@ def main(argv=None) -> None:
         "import_torch_rss_mb": step["import_rss_mb"],
         "full_forward_s": med(ev["full_forward_s"]), "encode_support_s": med(ev["encode_support_s"]),
         "eval_slice_s": med(ev["eval_slice_s"]), "eval_slice_over_full": med(ev["ratios"]),
+        "eval_slices_per_s": med(ev["eval_slices_per_s"]), "eval_batch": args.eval_batch,
         "eval_peak_rss_mb": ev["peak_rss_mb"],
     }
     for key in ("cuda_max_allocated_mb",):

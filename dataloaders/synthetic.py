@@ -106,6 +106,9 @@ def generate_phantom(rng: np.random.Generator, size: int = 128) -> tuple:
     sz = round(float(rng.uniform(5.0, 8.0)), 2)
     sxy = FOV_MM / size
     g = _Grid(n_z, size, sz, sxy)
+    # patients lie off-centre in the field of view: shift every structure by the same in-plane offset
+    g.x = g.x - np.float32(rng.uniform(-10, 10))
+    g.y = g.y - np.float32(rng.uniform(-10, 10))
     ez = g.extent_z
     sxy_px = 1.0 / sxy  # pixels per mm
 
@@ -119,8 +122,8 @@ def generate_phantom(rng: np.random.Generator, size: int = 128) -> tuple:
         np.copyto(image, val.astype(np.float32), where=mask)
 
     # Body outline and fat ring.
-    bx = rng.uniform(130, 152)
-    by = rng.uniform(92, 112)
+    bx = rng.uniform(120, 148)
+    by = rng.uniform(88, 116)
     taper = 1.0 + 0.04 * np.sin(2 * np.pi * (g.z / ez) + rng.uniform(0, 2 * np.pi))
     wob = 1.0 + 0.03 * _smooth_field(rng, g, (80.0, 200.0))
     body_f = ((g.x / (bx * taper)) ** 2 + (g.y / (by * taper)) ** 2) * wob
@@ -149,10 +152,10 @@ def generate_phantom(rng: np.random.Generator, size: int = 128) -> tuple:
         else:
             paint(m, rng.uniform(450, 750), 0.12, 0.15)  # fluid-filled loop
 
-    def jitter(c: tuple, mm: float = 8.0) -> tuple:
-        return (c[0] + rng.uniform(-0.04, 0.04) * ez, c[1] + rng.uniform(-mm, mm), c[2] + rng.uniform(-mm, mm))
+    def jitter(c: tuple, mm: float = 14.0) -> tuple:
+        return (c[0] + rng.uniform(-0.07, 0.07) * ez, c[1] + rng.uniform(-mm, mm), c[2] + rng.uniform(-mm, mm))
 
-    def scaled(s: tuple, lo: float = 0.88, hi: float = 1.12) -> tuple:
+    def scaled(s: tuple, lo: float = 0.8, hi: float = 1.2) -> tuple:
         k = rng.uniform(lo, hi)
         return tuple(v * k for v in s)
 
@@ -181,7 +184,7 @@ def generate_phantom(rng: np.random.Generator, size: int = 128) -> tuple:
 
     # Kidneys: posterior, beside the spine; bean shape (hilum notch), darker medulla; the left one higher.
     for name, side, zc in (("right_kidney", -1.0, rng.uniform(0.36, 0.44)), ("left_kidney", 1.0, rng.uniform(0.42, 0.5))):
-        kc = jitter((zc * ez, vert_c + rng.uniform(-4, 8), side * rng.uniform(50, 60)), 5.0)
+        kc = jitter((zc * ez, vert_c + rng.uniform(-4, 8), side * rng.uniform(48, 62)), 8.0)
         ks = scaled((rng.uniform(0.17, 0.22) * ez, 30.0, 22.0))
         kang = side * rng.uniform(10, 30)
         f = _ellipsoid(g, kc, ks, kang) * (1.0 + 0.08 * _smooth_field(rng, g, (40.0, 90.0)))
