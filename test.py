@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +197,9 @@ def run_test(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
         raise ConfigError(f"config key 'reload_model_path': no checkpoint at {checkpoint} (train first, or "
                           "pass reload_model_path=...)")
     model_cfg = dict(cfg["model"], weights_path="")  # the checkpoint holds every weight
-    model = build_model(model_cfg)
+    with warnings.catch_warnings():  # "randomly initialised" is true only until the next line
+        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+        model = build_model(model_cfg)
     n_loaded = load_model_weights(model, checkpoint)
     LOGGER.info("loaded %d tensors from %s", n_loaded, checkpoint)
     model.to(device).eval()
@@ -214,7 +217,7 @@ ex = make_experiment("test")
 def main(_run, _config):
     """Sacred entry point: validate, evaluate, print the table, store results as artifacts."""
     try:
-        cfg = resolve_config(_config)
+        cfg = resolve_config(_config, need_supervoxels=False)
         summary, out_dir = run_test(cfg)
     except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from None

@@ -157,3 +157,19 @@ def test_ltg_output_and_gradients():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ltg.parameters())
     with pytest.raises(ValueError):
         LearnableThresholdGeneration([8], xi_init=1.0)
+
+
+def test_masked_average_pooling_hand_computed():
+    # channel 0 = [[0, 2], [4, 6]] upsampled (bilinear, align_corners=True) to 3 x 3 is
+    # [[0, 1, 2], [2, 3, 4], [4, 5, 6]]; the top-left 2 x 2 of the mask covers 0, 1, 2, 3 -> mean 1.5.
+    # channel 1 is constant 5, so its average is 5 whatever the mask.
+    features = torch.tensor([[[0.0, 2.0], [4.0, 6.0]], [[5.0, 5.0], [5.0, 5.0]]], dtype=torch.float64)
+    mask = torch.zeros(3, 3, dtype=torch.float64)
+    mask[:2, :2] = 1
+    prototype = masked_average_pooling(features[None, None], mask[None, None])
+    torch.testing.assert_close(prototype, torch.tensor([[1.5, 5.0]], dtype=torch.float64))
+    # two shots pool their pixels: the second shot's single pixel (2, 2) has value 6
+    mask2 = torch.zeros(3, 3, dtype=torch.float64)
+    mask2[2, 2] = 1
+    pooled = masked_average_pooling(torch.stack([features, features])[None], torch.stack([mask, mask2])[None])
+    torch.testing.assert_close(pooled, torch.tensor([[(0 + 1 + 2 + 3 + 6) / 5, 5.0]], dtype=torch.float64))
