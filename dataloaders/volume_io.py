@@ -14,8 +14,10 @@ SimpleITK is imported lazily (inside the functions): importing it costs about 10
 """
 from __future__ import annotations
 
+import gzip
 import os
 import re
+import struct
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -99,6 +101,35 @@ def list_case_ids(data_dir: PathLike) -> list:
     if not ids:
         raise FileNotFoundError(f"{data_dir}: no image_<id>.nii.gz files in the data folder")
     return ids
+
+
+_NIFTI_FLOAT_CODES = {16: "f4", 64: "f8"}  # NIfTI-1 datatype codes of float32 / float64
+
+
+def count_nonfinite_nifti(path: PathLike) -> int:
+    """Number of NaN or infinite values stored in a float NIfTI-1 file (0 for other files).
+
+    ITK's NIfTI reader, and so SimpleITK, silently replaces NaN with 0, so the stored values themselves
+    are scanned: the 348-byte header gives byte order, data type, dimensions and data offset.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        header = handle.read(348)
+        if len(header) < 348:
+            return 0
+        endian = next((e for e in "<>" if struct.unpack(e + "i", header[:4])[0] == 348), None)
+        if endian is None:
+            return 0
+        code = struct.unpack(endian + "h", header[70:72])[0]
+        if code not in _NIFTI_FLOAT_CODES:
+            return 0
+        dims = struct.unpack(endian + "8h", header[40:56])
+        n_values = int(np.prod(dims[1 : 1 + max(0, min(7, dims[0]))], dtype=np.int64))
+        offset = int(struct.unpack(endian + "f", header[108:112])[0])
+        handle.read(max(0, offset - 348))
+        dtype = np.dtype(endian + _NIFTI_FLOAT_CODES[code])
+        data = np.frombuffer(handle.read(n_values * dtype.itemsize), dtype=dtype)
+    return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
 def read_nifti(path: PathLike) -> tuple:
@@ -252,8 +283,10 @@ def load_case(
     """
     ipath = image_path(data_dir, case_id)
     raw, img = read_nifti(ipath)
-    if not np.all(np.isfinite(raw)):
-        n_bad = int(np.size(raw) - np.count_nonzero(np.isfinite(raw)))
+    n_bad = int(np.size(raw) - np.count_nonzero(np.isfinite(raw)))
+    if n_bad == 0 and raw.dtype.kind == "f" and ipath.is_file():
+        n_bad = count_nonfinite_nifti(ipath)  # the reader turned them into 0
+    if n_bad:
         raise ValueError(f"{ipath}: image contains {n_bad} NaN or infinite value(s)")
     if spec.normalisation != "zscore":
         raise ValueError(f"{spec.name}: unsupported normalisation {spec.normalisation!r}; valid: zscore")

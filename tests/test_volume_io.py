@@ -4,7 +4,7 @@ import pytest
 import SimpleITK as sitk
 
 from dataloaders.dataset_specifics import get_dataset_spec
-from dataloaders.volume_io import list_case_ids, load_case, load_cases, read_nifti, write_nifti_like
+from dataloaders.volume_io import count_nonfinite_nifti, list_case_ids, load_case, load_cases, read_nifti, write_nifti_like
 
 SPEC = get_dataset_spec("CHAOST2")
 
@@ -81,8 +81,7 @@ def test_shape_mismatch(data_dir):
 
 
 def test_nan_and_constant(data_dir, monkeypatch):
-    # SimpleITK's NIfTI reader itself turns NaN/Inf into 0, so a NaN can only come from the array a reader
-    # returns: simulate such a reader.
+    # a reader (not SimpleITK's NIfTI reader, which turns NaN into 0) that returns the NaN itself
     import dataloaders.volume_io as vio
 
     real = vio.read_nifti
@@ -100,6 +99,18 @@ def test_nan_and_constant(data_dir, monkeypatch):
     monkeypatch.setattr(vio, "read_nifti", real)
     _write(data_dir / "image_2.nii.gz", np.ones((4, 16, 20), np.float32))
     with pytest.raises(ValueError, match=r"image_2.nii.gz: image is constant"):
+        load_case(data_dir, 2, SPEC)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_stored_in_a_nifti_file_is_found(data_dir, dtype):
+    # SimpleITK reads the NaN below as 0; the loader scans the stored values and still reports it
+    image = np.random.default_rng(0).normal(size=(4, 16, 20)).astype(dtype)
+    image[2, 5, 7] = np.nan
+    image[3, 0, 0] = np.inf
+    _write(data_dir / "image_2.nii.gz", image)
+    assert count_nonfinite_nifti(data_dir / "image_2.nii.gz") == 2
+    with pytest.raises(ValueError, match=r"image_2.nii.gz: image contains 2 NaN or infinite value"):
         load_case(data_dir, 2, SPEC)
 
 
