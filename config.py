@@ -91,7 +91,7 @@ def default_config() -> dict[str, Any]:
         supp_idx=0,
         rotate_support=False,  # evaluate with every fold member as support, report mean and spread
         n_part=3,
-        eval_batch=8,  # query slices per forward
+        eval_batch=0,  # query slices per forward; 0 -> 16 on CUDA, 1 on CPU (batches were slower there)
         reload_model_path=None,  # None -> <run_dir>/snapshots/final.pth
         save_predictions=True,
         n_overlays=3,  # PNG overlays per class and query volume
@@ -236,10 +236,10 @@ def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervox
     _require(model["backbone"] in BACKBONES,
              f"config key 'model.backbone' is {model['backbone']!r}; expected one of {BACKBONES}")
     _require(cfg["amp"] in AMP_MODES, f"config key 'amp' is {cfg['amp']!r}; expected one of {AMP_MODES}")
-    for key in ("n_steps", "batch_size", "n_shot", "save_snapshot_every", "lr_step_size", "eval_batch", "n_part"):
+    for key in ("n_steps", "batch_size", "n_shot", "save_snapshot_every", "lr_step_size", "n_part"):
         _require(isinstance(cfg[key], int) and cfg[key] >= 1, f"config key '{key}' is {cfg[key]!r}; expected an integer >= 1")
-    _require(isinstance(cfg["num_workers"], int) and cfg["num_workers"] >= 0,
-             f"config key 'num_workers' is {cfg['num_workers']!r}; expected an integer >= 0")
+    for key in ("num_workers", "eval_batch"):
+        _require(isinstance(cfg[key], int) and cfg[key] >= 0, f"config key '{key}' is {cfg[key]!r}; expected an integer >= 0")
 
     try:
         test_label = spec.test_labels if cfg["test_label"] is None else spec.check_labels(cfg["test_label"])
