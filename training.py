@@ -206,8 +206,9 @@ def _train(cfg: dict[str, Any], ctx: DistributedContext, sacred_run: Any,
                                       find_unused_parameters=cfg["model"]["dmap_mode"] != "learned")
     set_train_mode(net, cfg["model"]["freeze_bn"])
 
-    scalars = ScalarLogger(sacred_run, Path(cfg["run_dir"]) / "tensorboard"
-                           if cfg["tensorboard"] and ctx.is_main else None) if ctx.is_main else None
+    scalars = None
+    if ctx.is_main:
+        scalars = ScalarLogger(sacred_run, Path(cfg["run_dir"]) / "tensorboard" if cfg["tensorboard"] else None)
 
     def snapshot(step: int, path: Path) -> None:
         if ctx.is_main:

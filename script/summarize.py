@@ -39,7 +39,8 @@ def summarize_group(results: list[dict]) -> dict:
     names = list(results[0]["classes"])
     table = {}
     for name in names + ["mean"]:
-        picks = [r["classes"][name] if name != "mean" else r["mean"] for r in results if name == "mean" or name in r["classes"]]
+        picks = [r["mean"] for r in results] if name == "mean" else [r["classes"][name] for r in results
+                                                                      if name in r["classes"]]
         model = [p["model"]["dice"] for p in picks]
         copy = [p["copy_support"]["dice"] for p in picks]
         table[name] = {"dice_mean": float(np.mean(model)), "dice_std": float(np.std(model)),
