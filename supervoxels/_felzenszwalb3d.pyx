@@ -154,10 +154,19 @@ cdef inline void row_ranges(Py_ssize_t z, Py_ssize_t y, Py_ssize_t nz, Py_ssize_
             xhi[k] = 0
 
 
+cdef inline uint32_t decode_edge(const EdgeCtx* ctx, uint32_t e, uint32_t* a, uint32_t* b) noexcept nogil:
+    """Split edge id ``e = N_OFFSETS * a + k`` into its voxels a, b (= a + offset k); returns k."""
+    cdef uint32_t k
+    a[0] = e // N_OFFSETS
+    k = e - a[0] * N_OFFSETS
+    b[0] = <uint32_t>(<Py_ssize_t>a[0] + ctx.off[k])
+    return k
+
+
 cdef inline uint32_t id_key(const EdgeCtx* ctx, uint32_t e) noexcept nogil:
-    cdef uint32_t a = e // N_OFFSETS
-    cdef uint32_t k = e - a * N_OFFSETS
-    return edge_key(ctx.vol, a, <Py_ssize_t>a + ctx.off[k], ctx.c[k])
+    cdef uint32_t a, b
+    cdef uint32_t k = decode_edge(ctx, e, &a, &b)
+    return edge_key(ctx.vol, a, b, ctx.c[k])
 
 
 cdef struct SortBuffers:
@@ -396,9 +405,7 @@ def segment(cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] volume not None,
                     t_sort += now() - ts0
                 for i in range(start, stop):
                     e = ids[i]
-                    va = e // N_OFFSETS
-                    vk = e - va * N_OFFSETS
-                    vb = <uint32_t>(<Py_ssize_t>va + ctx.off[vk])
+                    vk = decode_edge(&ctx, e, &va, &vb)
                     w = key_to_float(edge_key(ctx.vol, va, vb, ctx.c[vk]))
                     if w >= bound:
                         seen1 += i - start
@@ -449,9 +456,7 @@ def segment(cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] volume not None,
                             j = start
                             for i in range(start, stop):
                                 e = ids[i]
-                                va = e // N_OFFSETS
-                                vk = e - va * N_OFFSETS
-                                vb = <uint32_t>(<Py_ssize_t>va + ctx.off[vk])
+                                vk = decode_edge(&ctx, e, &va, &vb)
                                 if big[va] and big[vb]:
                                     continue
                                 ids[j] = e
@@ -466,9 +471,7 @@ def segment(cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] volume not None,
                             t_sort += now() - ts0
                         for i in range(start, stop):
                             e = ids[i]
-                            va = e // N_OFFSETS
-                            vk = e - va * N_OFFSETS
-                            vb = <uint32_t>(<Py_ssize_t>va + ctx.off[vk])
+                            vk = decode_edge(&ctx, e, &va, &vb)
                             # big[v]: v is known to lie in a component of >= min_size voxels (a
                             # component never shrinks); an edge between two such voxels never merges.
                             if big[va]:
