@@ -242,13 +242,14 @@ def _train(cfg: dict[str, Any], ctx: DistributedContext, sacred_run: Any,
             step += 1
 
             if ctx.is_main:
-                logged = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
-                for key in ("tau", "xi", "kept_fraction"):
-                    if key in aux and aux[key] is not None:
-                        logged[key] = float(torch.as_tensor(aux[key]).float().mean())
-                progress.set_postfix({k: f"{v:.3g}" for k, v in logged.items() if k != "lr"}, refresh=False)
                 progress.update(1)
+                # the auxiliary values live on the device: read them only when they are logged
                 if step % cfg["log_every"] == 0 or step == cfg["n_steps"]:
+                    logged = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
+                    for key in ("tau", "xi", "kept_fraction"):
+                        if aux.get(key) is not None:
+                            logged[key] = float(torch.as_tensor(aux[key]).float().mean())
+                    progress.set_postfix({k: f"{v:.3g}" for k, v in logged.items() if k != "lr"})
                     scalars.log(logged, step)
             if step % cfg["save_snapshot_every"] == 0 and step < cfg["n_steps"]:
                 snapshot(step, snapshot_dir / step_checkpoint_name(step))
