@@ -24,11 +24,12 @@ from sacred import SETTINGS, Experiment
 from sacred.observers import FileStorageObserver
 
 from dataloaders.dataset_specifics import DATASETS, get_dataset_spec
+from models.pretrained import WEIGHT_NAMES, WeightsUnavailable, resolve_named_weights
+from util.amp import AMP_MODES
 from util.distributed import is_main_process
 
 REPO_ROOT = Path(__file__).resolve().parent
 DMAP_MODES = ("learned", "fixed", "off")
-AMP_MODES = ("off", "bf16", "fp16")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 # tqdm and DataLoader workers do not mix with Sacred's stdout capture
@@ -58,10 +59,12 @@ def default_config() -> dict[str, Any]:
         n_shot=1,
         augment=True,
         min_fg_pixels=200,  # self-supervised episodes: pixels in the larger of the two masks
+        image_size=None,  # None -> the data's slice size; else the model runs at image_size x image_size
+        #                   (episodes and EP1 inputs resized; predictions resized back before scoring)
 
         model={
             "backbone": "resnet101",
-            "weights_path": "",  # local DeepLabv3-COCO or ImageNet ResNet checkpoint; "" -> random init
+            "weights_path": "",  # "coco" | "imagenet" (torch hub cache) | a local checkpoint | "" (random init)
             "dmap_mode": "learned",  # learned | fixed | off
             "temperature": 0.05,  # soft selection sigmoid((s - xi) / temperature) in training
             "fixed_threshold": 0.9,
@@ -82,13 +85,13 @@ def default_config() -> dict[str, Any]:
 
         device="auto",  # auto | cpu | cuda | cuda:N
         num_workers=2,
-        amp="off",  # off | bf16 | fp16
+        amp="auto",  # auto (bf16 where the device has native bf16, else fp32) | off | bf16 | fp16
         channels_last=False,
         cudnn_benchmark=True,
         num_threads=0,  # torch CPU threads; 0 -> torch default
 
         # evaluation (test.py)
-        supp_idx=0,
+        supp_idx=2,  # position of the support volume in the test fold (2, as the public evaluation script)
         rotate_support=False,  # evaluate with every fold member as support, report mean and spread
         n_part=3,
         eval_batch=0,  # query slices per forward; 0 -> 16 on CUDA, 1 on CPU (batches were slower there)
@@ -123,6 +126,8 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "optim": {"lr": 1e-2},
         "log_every": 10,
         "num_workers": 1,
+        "supp_idx": 0,  # the demo's folds hold 2 phantoms each
+        "amp": "off",  # fp32 on every CPU kind, so the demo's Dice compares across machines
     },
     # a few steps on tiny synthetic data: the end-to-end test
     "smoke": {
@@ -133,6 +138,8 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "log_every": 1,
         "num_workers": 0,
         "eval_batch": 4,
+        "supp_idx": 0,
+        "amp": "off",
         "n_overlays": 1,
         "tensorboard": False,
     },
@@ -238,6 +245,8 @@ def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervox
     _require(cfg["amp"] in AMP_MODES, f"config key 'amp' is {cfg['amp']!r}; expected one of {AMP_MODES}")
     for key in ("n_steps", "batch_size", "n_shot", "save_snapshot_every", "lr_step_size", "n_part"):
         _require(isinstance(cfg[key], int) and cfg[key] >= 1, f"config key '{key}' is {cfg[key]!r}; expected an integer >= 1")
+    _require(cfg["image_size"] is None or (isinstance(cfg["image_size"], int) and cfg["image_size"] >= 32),
+             f"config key 'image_size' is {cfg['image_size']!r}; expected None (the data's size) or an integer >= 32")
     for key in ("num_workers", "eval_batch"):
         _require(isinstance(cfg[key], int) and cfg[key] >= 0, f"config key '{key}' is {cfg[key]!r}; expected an integer >= 0")
 
@@ -263,7 +272,12 @@ def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervox
         _require(sv_dir.is_dir(), f"config key 'supervoxel_dir': {sv_dir} does not exist (generate it with "
                                   f"supervoxels/generate_supervoxels.py --data-dir {data_dir} --n-sv {cfg['n_sv']})")
     cfg["supervoxel_dir"] = str(sv_dir)
-    if model["weights_path"]:
+    if model["weights_path"] in WEIGHT_NAMES:
+        try:
+            model["weights_path"] = str(resolve_named_weights(model["weights_path"], model["backbone"]))
+        except WeightsUnavailable as exc:
+            raise ConfigError(str(exc)) from None
+    elif model["weights_path"]:
         weights = repo_path(model["weights_path"])
         _require(weights.is_file(), f"config key 'model.weights_path': {weights} is not a file")
         model["weights_path"] = str(weights)

@@ -14,7 +14,6 @@ Writes to ``<run_dir>/results/``: ``results.json``, ``results.csv``, ``predictio
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -31,7 +30,9 @@ from dataloaders.dataset_specifics import DatasetSpec, get_dataset_spec
 from dataloaders.test_episodes import build_test_chunks, split_fold
 from dataloaders.volume_io import Case, list_case_ids, load_case, read_nifti, write_nifti_like
 from models.fewshot import FewShotSeg
-from training import AMP_DTYPES, build_model
+from dataloaders.resize import resize_images, resize_masks, resize_probabilities
+from training import build_model
+from util.amp import AmpUnsupported, autocast, resolve_amp
 from util.checkpoints import FINAL_NAME, load_model_weights
 from util.distributed import select_device
 from util.metrics import segmentation_scores
@@ -43,25 +44,35 @@ SCORES = ("dice", "iou", "precision", "recall")
 
 @torch.inference_mode()
 def predict_query(model: FewShotSeg, support: Case, query: Case, label: int, n_part: int, eval_batch: int,
-                  device: torch.device, amp: str = "off") -> dict[str, np.ndarray]:
+                  device: torch.device, amp: str = "off", image_size: int | None = None) -> dict[str, np.ndarray]:
     """Segment the slices of ``query`` that contain ``label``.
+
+    Args:
+        amp: a resolved precision (``util.amp.resolve_amp``): ``"off"``, ``"bf16"`` or ``"fp16"``.
+        image_size: run the model at ``image_size x image_size`` (None: the data's size); the
+            probabilities are resized back to the label grid [H, W].
 
     Returns:
         ``slices`` [n] slice indices in the query volume, ``prob`` [n, H, W] float32 foreground
         probability, ``copy`` [n, H, W] uint8 copy-the-support baseline, ``target`` [n, H, W] uint8.
     """
-    autocast = (torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp in AMP_DTYPES
-                else contextlib.nullcontext())
+    grid = tuple(query.image.shape[1:])
+    size = image_size or None
     slices, probs, copies, targets = [], [], [], []
     for chunk in build_test_chunks(support, query, label, n_part=n_part):
-        support_image = torch.as_tensor(chunk.support_image)[None].to(device)
-        support_mask = torch.as_tensor(chunk.support_mask)[None].to(device)
-        with autocast:
-            encoding = model.encode_support(support_image, support_mask)
+        support_image = torch.as_tensor(chunk.support_image)[None]
+        support_mask = torch.as_tensor(chunk.support_mask)[None]
+        if size:
+            support_image, support_mask = resize_images(support_image, size), resize_masks(support_mask, size)
+        with autocast(device, amp):
+            encoding = model.encode_support(support_image.to(device), support_mask.to(device))
             for start in range(0, len(chunk.query_images), eval_batch):
-                batch = torch.as_tensor(chunk.query_images[start:start + eval_batch]).to(device)
-                prob, _ = model.segment(encoding, batch)
-                probs.append(prob[:, 1].float().cpu().numpy())
+                batch = torch.as_tensor(chunk.query_images[start:start + eval_batch])
+                if size:
+                    batch = resize_images(batch, size)
+                prob, _ = model.segment(encoding, batch.to(device))
+                prob = prob[:, 1].float().cpu()
+                probs.append(resize_probabilities(prob, grid).numpy() if size else prob.numpy())
         slices.extend(chunk.slice_indices)
         copies.append(np.repeat((chunk.support_mask > 0.5)[None], len(chunk.slice_indices), 0).astype(np.uint8))
         targets.append(np.asarray(chunk.query_labels, dtype=np.uint8))
@@ -87,7 +98,8 @@ def evaluate_support(model: FewShotSeg, cases: list[Case], supp_idx: int, spec: 
         name = spec.label_names[label]
         per_query: dict[str, Any] = {}
         for query in queries:
-            result = predict_query(model, support, query, label, cfg["n_part"], cfg["eval_batch"], device, cfg["amp"])
+            result = predict_query(model, support, query, label, cfg["n_part"], cfg["eval_batch"], device, cfg["amp"],
+                                   cfg.get("image_size"))
             pred = (result["prob"] > 0.5).astype(np.uint8)
             per_query[str(query.case_id)] = {
                 "model": segmentation_scores(pred, result["target"]),
@@ -193,6 +205,10 @@ def format_table(summary: dict[str, Any]) -> str:
 def run_test(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     """Load the checkpoint named by the config, evaluate, write the results; returns (summary, out_dir)."""
     device = select_device(cfg["device"])
+    try:
+        cfg = dict(cfg, amp=resolve_amp(cfg["amp"], device))
+    except AmpUnsupported as exc:
+        raise ConfigError(str(exc)) from None
     if cfg["num_threads"]:
         torch.set_num_threads(cfg["num_threads"])
     checkpoint = Path(cfg["reload_model_path"] or Path(cfg["snapshot_dir"]) / FINAL_NAME)

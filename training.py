@@ -14,7 +14,6 @@ same episode, and N processes with batch b follow the same data as one process w
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -29,6 +28,7 @@ from tqdm import tqdm
 from config import ConfigError, configure_logging, make_experiment, resolve_config
 from dataloaders.dataset_specifics import get_dataset_spec
 from dataloaders.episodes import GroundTruthEpisodes, SupervoxelEpisodes, build_training_cases
+from dataloaders.resize import ResizedEpisodes
 from models.fewshot import FewShotSeg
 from models.losses import focal_loss
 from util.checkpoints import (
@@ -41,11 +41,11 @@ from util.checkpoints import (
     save_checkpoint,
     step_checkpoint_name,
 )
+from util.amp import AmpUnsupported, autocast, resolve_amp
 from util.distributed import DistributedContext, barrier, init_distributed, shutdown_distributed
 from util.logger import ScalarLogger
 
 LOGGER = logging.getLogger("training")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class EpisodeIndexSampler(Sampler[int]):
@@ -87,8 +87,10 @@ def build_episodes(cfg: dict[str, Any]) -> torch.utils.data.Dataset:
     common = dict(n_episodes=n_episodes, n_shot=cfg["n_shot"], exclude_labels=tuple(cfg["exclude_label"]),
                   exclude_mode=cfg["exclude_mode"], augment=cfg["augment"], seed=cfg["seed"])
     if cfg["use_gt"]:
-        return GroundTruthEpisodes(cases, test_labels=tuple(cfg["test_label"]), **common)
-    return SupervoxelEpisodes(cases, min_pixels=cfg["min_fg_pixels"], **common)
+        episodes = GroundTruthEpisodes(cases, test_labels=tuple(cfg["test_label"]), **common)
+    else:
+        episodes = SupervoxelEpisodes(cases, min_pixels=cfg["min_fg_pixels"], **common)
+    return ResizedEpisodes(episodes, cfg["image_size"]) if cfg.get("image_size") else episodes
 
 
 def set_train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
@@ -170,8 +172,12 @@ def _train(cfg: dict[str, Any], ctx: DistributedContext, sacred_run: Any,
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["optim"]["lr"], momentum=cfg["optim"]["momentum"],
                                 weight_decay=cfg["optim"]["weight_decay"])
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["lr_step_size"], gamma=cfg["lr_gamma"])
-    amp_dtype = AMP_DTYPES.get(cfg["amp"])
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
+    try:
+        amp = resolve_amp(cfg["amp"], device)
+    except AmpUnsupported as exc:
+        raise ConfigError(str(exc)) from None
+    LOGGER.info("device %s, precision %s (amp=%s)", device, "fp32" if amp == "off" else amp, cfg["amp"])
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     start_step = 0
     if cfg["resume"]:
@@ -227,9 +233,7 @@ def _train(cfg: dict[str, Any], ctx: DistributedContext, sacred_run: Any,
             support_masks = batch["support_masks"].to(device, non_blocking=True)
             query_images = batch["query_images"].to(device, non_blocking=True)
             query_masks = batch["query_masks"].to(device, non_blocking=True)
-            autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                        else contextlib.nullcontext())
-            with autocast:
+            with autocast(device, amp):
                 probs, aux = net(support_images, support_masks, query_images)
             loss = episode_loss(probs, query_masks, cfg["loss"]["gamma"], cfg["loss"]["class_weights"])
             if not math.isfinite(loss.item()):

@@ -5,7 +5,7 @@
 #   ROTATE=1 bash script/test.sh        # every fold member serves as support in turn
 #
 # Environment (defaults): DATASET (CHAOST2), SETTING (1), DATA_ROOT (data), FOLDS ("0 1 2 3 4"),
-# SUPP_IDX (0), ROTATE (0), MODE (learned), LOG_DIR (runs), GPU (unset), PYTHON (python).
+# SUPP_IDX (2), ROTATE (0), MODE (learned), LOG_DIR (runs), GPU (unset), PYTHON (python).
 # Arguments are passed to test.py as Sacred overrides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ DATASET=${DATASET:-CHAOST2}
 SETTING=${SETTING:-1}
 DATA_ROOT=${DATA_ROOT:-data}
 FOLDS=${FOLDS:-"0 1 2 3 4"}
-SUPP_IDX=${SUPP_IDX:-0}
+SUPP_IDX=${SUPP_IDX:-2}
 ROTATE=${ROTATE:-0}
 MODE=${MODE:-learned}
 LOG_DIR=${LOG_DIR:-runs}

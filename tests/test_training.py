@@ -97,6 +97,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_episodes_per_step(sy
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no native bf16")
 @pytest.mark.parametrize("amp", ["bf16"])
 def test_cpu_autocast_training_stays_finite(synth_root, tmp_path, amp):
     cfg = resolve_config(build_config(["smoke"], smoke_updates(synth_root, tmp_path, amp=amp, n_steps=2,
