@@ -202,8 +202,11 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_test(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
-    """Load the checkpoint named by the config, evaluate, write the results; returns (summary, out_dir)."""
+def run_test(cfg: dict[str, Any], out_dir: Path | None = None) -> tuple[dict[str, Any], Path]:
+    """Load the checkpoint named by the config, evaluate, write the results; returns (summary, out_dir).
+
+    ``out_dir`` defaults to ``<run_dir>/results``.
+    """
     device = select_device(cfg["device"])
     try:
         cfg = dict(cfg, amp=resolve_amp(cfg["amp"], device))
@@ -222,7 +225,7 @@ def run_test(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     n_loaded = load_model_weights(model, checkpoint)
     LOGGER.info("loaded %d tensors from %s", n_loaded, checkpoint)
     model.to(device).eval()
-    out_dir = Path(cfg["run_dir"]) / "results"
+    out_dir = Path(out_dir) if out_dir is not None else Path(cfg["run_dir"]) / "results"
     summary = evaluate_fold(model, cfg, device, out_dir if cfg["save_predictions"] else None)
     summary["checkpoint"] = str(checkpoint)
     write_results(summary, out_dir)

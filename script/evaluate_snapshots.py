@@ -1,0 +1,91 @@
+"""Evaluate a run's final weights and each of its step snapshots under EP1 (for Dice against training step).
+
+    python script/evaluate_snapshots.py runs/ablation/CHAOST2_setting1_fold0_learned -- cpu dataset=CHAOST2 ...
+
+The words after ``--`` are what ``test.py with ...`` takes: named configs and ``key=value`` overrides
+(dotted keys for sub-dicts, Python literals). The final weights are evaluated as ``test.py`` does (results,
+predictions and overlays in ``<run>/results``); each ``snapshots/step_<n>.pth`` is scored into
+``<run>/snapshot_results/step_<n>/results.json`` (no pictures), skipped when that file exists.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from config import NAMED_CONFIGS, ConfigError, build_config, configure_logging, resolve_config  # noqa: E402
+from util.checkpoints import FINAL_NAME, STEP_PREFIX  # noqa: E402
+
+
+def parse_with_arguments(words: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Named configs and nested updates from Sacred-style ``with`` words (``a.b=1`` -> ``{"a": {"b": 1}}``)."""
+    named, updates = [], {}
+    for word in words:
+        if "=" not in word:
+            if word not in NAMED_CONFIGS:
+                raise ConfigError(f"unknown named config {word!r}; valid: {', '.join(NAMED_CONFIGS)}")
+            named.append(word)
+            continue
+        key, text = word.split("=", 1)
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *parents, leaf = key.split(".")
+        node = updates
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return named, updates
+
+
+def load_test_module():
+    """``test.py`` by path (the name ``test`` is also a standard-library package)."""
+    spec = importlib.util.spec_from_file_location("dmap_test_entry", REPO_ROOT / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="the run folder (holds snapshots/)")
+    args = parser.parse_args(own)
+    configure_logging(logging.WARNING)
+    try:
+        named, updates = parse_with_arguments(words)
+        cfg = resolve_config(build_config(named, updates), need_supervoxels=False)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    test = load_test_module()
+    snapshots = Path(args.run_dir) / "snapshots"
+    final = snapshots / FINAL_NAME
+    if not final.is_file():
+        print(f"error: {final} does not exist (train the run first)", file=sys.stderr)
+        return 2
+    for path in sorted(snapshots.glob(f"{STEP_PREFIX}*.pth")):
+        out_dir = Path(args.run_dir) / "snapshot_results" / path.stem
+        if (out_dir / "results.json").is_file():
+            continue
+        summary, _ = test.run_test(dict(cfg, reload_model_path=str(path), save_predictions=False), out_dir)
+        print(f"{path.name}: mean Dice {summary['mean']['model']['dice']:.4f}", flush=True)
+    summary, out_dir = test.run_test(dict(cfg, reload_model_path=str(final)))
+    print(test.format_table(summary))
+    print(f"results: {out_dir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
