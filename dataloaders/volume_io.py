@@ -18,6 +18,7 @@ import gzip
 import os
 import re
 import struct
+import zlib
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ __all__ = [
     "label_path",
     "supervoxel_path",
     "read_nifti",
+    "count_nonfinite_nifti",
     "write_nifti_like",
     "zscore",
     "load_case",
@@ -104,32 +106,59 @@ def list_case_ids(data_dir: PathLike) -> list:
 
 
 _NIFTI_FLOAT_CODES = {16: "f4", 64: "f8"}  # NIfTI-1 datatype codes of float32 / float64
+_CHUNK = 1 << 22
 
 
 def count_nonfinite_nifti(path: PathLike) -> int:
-    """Number of NaN or infinite values stored in a float NIfTI-1 file (0 for other files).
+    """Read a whole NIfTI-1 file: check it is complete, and count the NaN / infinite values it stores.
 
-    ITK's NIfTI reader, and so SimpleITK, silently replaces NaN with 0, so the stored values themselves
-    are scanned: the 348-byte header gives byte order, data type, dimensions and data offset.
+    SimpleITK reads a ``.nii.gz`` cut short without complaint (the missing slices come back as 0) and
+    replaces stored NaN with 0, so the file is read here as well: the gzip stream must end with its
+    trailer (length and CRC), and the data must be as long as the 348-byte header says.
+    Files that are not single-file NIfTI-1 (``n+1``) are left to SimpleITK (0 is returned).
+
+    Returns:
+        Number of NaN or infinite values (always 0 for integer data types).
+
+    Raises:
+        ValueError: truncated or corrupt file; the message names the file.
     """
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        header = handle.read(348)
-        if len(header) < 348:
-            return 0
-        endian = next((e for e in "<>" if struct.unpack(e + "i", header[:4])[0] == 348), None)
-        if endian is None:
-            return 0
-        code = struct.unpack(endian + "h", header[70:72])[0]
-        if code not in _NIFTI_FLOAT_CODES:
-            return 0
-        dims = struct.unpack(endian + "8h", header[40:56])
-        n_values = int(np.prod(dims[1 : 1 + max(0, min(7, dims[0]))], dtype=np.int64))
-        offset = int(struct.unpack(endian + "f", header[108:112])[0])
-        handle.read(max(0, offset - 348))
-        dtype = np.dtype(endian + _NIFTI_FLOAT_CODES[code])
-        data = np.frombuffer(handle.read(n_values * dtype.itemsize), dtype=dtype)
-    return int(data.size - np.count_nonzero(np.isfinite(data)))
+    try:
+        with opener(path, "rb") as handle:
+            header = handle.read(348)
+            if len(header) < 348:
+                if len(header) == 0 or header[:4] in (struct.pack("<i", 348), struct.pack(">i", 348)):
+                    raise ValueError(f"{path}: truncated file ({len(header)} bytes, a NIfTI header has 348)")
+                return 0
+            endian = next((e for e in "<>" if struct.unpack(e + "i", header[:4])[0] == 348), None)
+            if endian is None or header[344:347] != b"n+1":
+                return 0
+            code = struct.unpack(endian + "h", header[70:72])[0]
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            dims = struct.unpack(endian + "8h", header[40:56])
+            n_values = int(np.prod(dims[1 : 1 + max(0, min(7, dims[0]))], dtype=np.int64))
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            handle.read(max(0, offset - 348))
+            n_bytes = n_values * max(1, int(bitpix)) // 8
+            n_bad, got = 0, 0
+            dtype = np.dtype(endian + _NIFTI_FLOAT_CODES[code]) if code in _NIFTI_FLOAT_CODES else None
+            step = _CHUNK - _CHUNK % 8  # whole values per chunk
+            while got < n_bytes:
+                block = handle.read(min(step, n_bytes - got))
+                if not block:
+                    break
+                got += len(block)
+                if dtype is not None:
+                    data = np.frombuffer(block[: len(block) - len(block) % dtype.itemsize], dtype=dtype)
+                    n_bad += int(data.size - np.count_nonzero(np.isfinite(data)))
+            if got < n_bytes:
+                raise ValueError(f"{path}: truncated file: {got} of the {n_bytes} data bytes its header announces")
+            while handle.read(_CHUNK):  # to the end, so gzip checks its length and CRC trailer
+                pass
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise ValueError(f"{path}: corrupt or truncated file ({exc or type(exc).__name__})") from None
+    return n_bad
 
 
 def read_nifti(path: PathLike) -> tuple:
@@ -143,13 +172,17 @@ def read_nifti(path: PathLike) -> tuple:
 
     Raises:
         FileNotFoundError: The file does not exist.
-        ValueError: The file cannot be read or is not 3-D.
+        ValueError: The file cannot be read, is truncated or corrupt, stores NaN or infinite values (which
+            SimpleITK would read as 0), or is not 3-D.
     """
     import SimpleITK as sitk
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
+    n_bad = count_nonfinite_nifti(path)
+    if n_bad:
+        raise ValueError(f"{path}: {n_bad} NaN or infinite value(s) stored in the file")
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -284,8 +317,6 @@ def load_case(
     ipath = image_path(data_dir, case_id)
     raw, img = read_nifti(ipath)
     n_bad = int(np.size(raw) - np.count_nonzero(np.isfinite(raw)))
-    if n_bad == 0 and raw.dtype.kind == "f" and ipath.is_file():
-        n_bad = count_nonfinite_nifti(ipath)  # the reader turned them into 0
     if n_bad:
         raise ValueError(f"{ipath}: image contains {n_bad} NaN or infinite value(s)")
     if spec.normalisation != "zscore":

@@ -33,7 +33,10 @@ def test_three_dimensional_volume():
 
 def test_empty_conventions():
     empty = np.zeros((3, 3))
-    assert segmentation_scores(empty, empty) == {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0}
+    # MONAI / nnU-Net: nothing to find and nothing found is undefined, not a perfect score
+    both_empty = segmentation_scores(empty, empty)
+    assert set(both_empty) == {"dice", "iou", "precision", "recall"}
+    assert all(np.isnan(v) for v in both_empty.values())
     full = np.ones((3, 3))
     missed = segmentation_scores(empty, full)
     assert missed["dice"] == 0.0 and missed["precision"] == 0.0 and missed["recall"] == 0.0

@@ -110,7 +110,7 @@ def test_nan_stored_in_a_nifti_file_is_found(data_dir, dtype):
     image[3, 0, 0] = np.inf
     _write(data_dir / "image_2.nii.gz", image)
     assert count_nonfinite_nifti(data_dir / "image_2.nii.gz") == 2
-    with pytest.raises(ValueError, match=r"image_2.nii.gz: image contains 2 NaN or infinite value"):
+    with pytest.raises(ValueError, match=r"image_2.nii.gz: 2 NaN or infinite value\(s\) stored"):
         load_case(data_dir, 2, SPEC)
 
 
@@ -148,3 +148,46 @@ def test_real_chaos_case(chaos_dir):
     assert case.image.shape[1:] == (256, 256) and case.label.shape == case.image.shape
     assert set(np.unique(case.label).tolist()) == {0, 1, 2, 3, 4}
     assert case.spacing == pytest.approx((7.7, 1.25, 1.25), abs=1e-3)
+
+
+def _cut(path, fraction=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+@pytest.mark.parametrize("kind", ["image", "label", "supervoxel"])
+def test_truncated_gzip_files_are_refused(data_dir, kind):
+    # SimpleITK reads a .nii.gz cut in half without error (the lost slices come back as 0)
+    path = {"image": data_dir / "image_2.nii.gz", "label": data_dir / "label_2.nii.gz",
+            "supervoxel": data_dir / "supervoxels_5000" / "superpix-MIDDLE_2.nii.gz"}[kind]
+    _cut(path)
+    with pytest.raises(ValueError, match=rf"{path.name}: (corrupt or truncated|truncated)") as info:
+        load_case(data_dir, 2, SPEC, n_sv=5000)
+    assert "\n" not in str(info.value)
+
+
+def test_corrupt_gzip_and_short_data_are_refused(data_dir, tmp_path):
+    import gzip as gz
+
+    path = data_dir / "label_2.nii.gz"
+    raw = gz.decompress(path.read_bytes())
+    # a complete gzip stream whose NIfTI data stops 10 bytes short of what the header announces
+    short = tmp_path / "short.nii.gz"
+    short.write_bytes(gz.compress(raw[:-10]))
+    with pytest.raises(ValueError, match=r"short.nii.gz: truncated file: \d+ of the \d+ data bytes"):
+        read_nifti(short)
+    # one flipped byte in the compressed data: gzip's CRC (or the inflater) fails
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"label_2.nii.gz: corrupt or truncated file"):
+        read_nifti(path)
+
+
+def test_nan_in_a_float_label_file_is_refused(data_dir):
+    # ITK's reader would turn the NaN into 0 = background
+    lab = np.zeros((4, 16, 20), np.float32)
+    lab[1, 2, 3] = np.nan
+    _write(data_dir / "label_2.nii.gz", lab)
+    with pytest.raises(ValueError, match=r"label_2.nii.gz: 1 NaN or infinite value\(s\) stored"):
+        load_case(data_dir, 2, SPEC)

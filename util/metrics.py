@@ -1,11 +1,12 @@
 """Overlap metrics for binary segmentations.
 
-All functions are pure. Counts come from :func:`confusion_counts`; scores follow the convention that two
-empty masks agree perfectly (score 1) and any other zero denominator scores 0, so a class that is absent
-from both prediction and ground truth never produces NaN.
+All functions are pure. Counts come from :func:`confusion_counts`. Empty cases follow MONAI and nnU-Net:
+empty ground truth with an empty prediction is undefined (NaN, left out of means taken with ``np.nanmean``),
+and any other zero denominator scores 0 (e.g. Dice 0 for a prediction on an empty ground truth).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -44,7 +45,7 @@ def confusion_counts(pred: np.ndarray, target: np.ndarray) -> Counts:
 def _ratio(numerator: float, denominator: float, counts: Counts) -> float:
     if denominator > 0:
         return float(numerator) / float(denominator)
-    return 1.0 if counts.tp + counts.fp + counts.fn == 0 else 0.0
+    return math.nan if counts.tp + counts.fp + counts.fn == 0 else 0.0
 
 
 def dice(counts: Counts) -> float:
@@ -75,7 +76,7 @@ def segmentation_scores(pred: np.ndarray, target: np.ndarray) -> dict[str, float
         target: binary ground truth of the same shape.
 
     Returns:
-        ``{"dice", "iou", "precision", "recall"}`` as floats in [0, 1].
+        ``{"dice", "iou", "precision", "recall"}`` as floats in [0, 1]; all NaN when both masks are empty.
     """
     counts = confusion_counts(pred, target)
     return {
