@@ -157,7 +157,7 @@ def count_nonfinite_nifti(path: PathLike) -> int:
             while handle.read(_CHUNK):  # to the end, so gzip checks its length and CRC trailer
                 pass
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise ValueError(f"{path}: corrupt or truncated file ({exc or type(exc).__name__})") from None
+        raise ValueError(f"{path}: cannot read, corrupt or truncated file ({exc or type(exc).__name__})") from None
     return n_bad
 
 

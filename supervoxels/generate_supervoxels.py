@@ -40,9 +40,11 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
+from dataloaders.volume_io import read_nifti
 from supervoxels.felzenszwalb import felzenszwalb_3d
 
 IMAGE_PATTERN = re.compile(r"^image_(.+)\.nii\.gz$")
+TMP_MARK = ".tmp"  # hidden ".superpix-MIDDLE_<id>.tmp<pid>.nii.gz" files being written
 _STRUCT_2D_8 = np.ones((3, 3), dtype=bool)
 
 
@@ -180,13 +182,52 @@ def write_atomic(array: np.ndarray, reference, path: Path) -> None:
 
     out = sitk.GetImageFromArray(array)
     out.CopyInformation(reference)
-    tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}.tmp{os.getpid()}.nii.gz")
+    tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}{TMP_MARK}{os.getpid()}.nii.gz")
     try:
         sitk.WriteImage(out, str(tmp), True)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(out_dir: Path) -> int:
+    """Delete half-written outputs left by a killed earlier run (their writer is gone); returns the count."""
+    removed = 0
+    for tmp in out_dir.glob(f".superpix-MIDDLE_*{TMP_MARK}*.nii.gz"):
+        pid = tmp.name.rsplit(TMP_MARK, 1)[1][: -len(".nii.gz")]
+        if pid.isdigit() and _alive(int(pid)):
+            continue  # another run writing into the same folder right now
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: on Linux, ask the kernel to end this worker when the parent process dies.
+
+    Without it, a killed CLI leaves its workers running (and holding their memory) as orphans.
+    """
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: Ctrl-C still reaches the workers (same process group)
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 @dataclass
@@ -211,23 +252,13 @@ def process_case(
     overwrite: bool,
 ) -> Result:
     """Read one image, compute its supervoxels and write them; never raises (errors go in the result)."""
-    import SimpleITK as sitk
-
     start = time.perf_counter()
     target = output_path(out_dir, case_id)
     if target.exists() and not overwrite:
         return Result(case_id, image_path, "skipped")
     try:
-        try:
-            image = sitk.ReadImage(str(image_path))
-        except RuntimeError as exc:
-            raise ValueError(f"cannot read ({_one_line(exc)})") from None
-        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-            raise ValueError(
-                f"expected a 3-D scalar image, got {image.GetDimension()}-D with "
-                f"{image.GetNumberOfComponentsPerPixel()} components per voxel"
-            )
-        array = sitk.GetArrayFromImage(image)  # [Z, H, W]
+        # complete-or-fail read: SimpleITK alone accepts a .nii.gz cut short and reads stored NaN as 0
+        array, image = read_nifti(image_path)  # [Z, H, W]
         spacing = tuple(float(v) for v in reversed(image.GetSpacing()))  # (z, y, x)
         labels = supervoxelize_volume(array, spacing, n_sv, fg_thresh)
         del array
@@ -238,6 +269,7 @@ def process_case(
         write_atomic(labels, image, target)
     except Exception as exc:  # noqa: BLE001 - reported per file, the run goes on
         message = str(exc) if isinstance(exc, ValueError) else _one_line(exc)
+        message = message.removeprefix(f"{image_path}: ")
         return Result(case_id, image_path, "error", message=message.splitlines()[0] if message else "error")
     return Result(case_id, image_path, "done", n, time.perf_counter() - start, warning=warning)
 
@@ -293,6 +325,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as exc:
         return _error(f"cannot create output directory {out_dir}: {exc.strerror or exc}")
 
+    n_stale = remove_stale_temporaries(out_dir)
+    if n_stale:
+        print(f"generate_supervoxels: removed {n_stale} half-written file(s) of an interrupted run in {out_dir}",
+              file=sys.stderr)
+
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -313,7 +350,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for job in jobs:
             report(process_case(*job))
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(process_case, *job) for job in jobs]
             for future in as_completed(futures):
                 report(future.result())

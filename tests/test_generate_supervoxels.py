@@ -237,3 +237,51 @@ def test_chaos_volume_supervoxel_count(chaos_dir):
     n = int(labels.max())
     assert 15 <= n <= 45, n
     assert set(np.unique(labels)) == set(range(n + 1))
+
+
+def test_cli_refuses_a_truncated_image_and_removes_stale_temporaries(tmp_path, capsys):
+    dataset = tmp_path / "data"
+    dataset.mkdir()
+    write_image(dataset / "image_1.nii.gz", phantom(0).astype(np.int16))
+    data = (dataset / "image_1.nii.gz").read_bytes()
+    (dataset / "image_1.nii.gz").write_bytes(data[: len(data) // 2])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    stale = out_dir / ".superpix-MIDDLE_1.tmp999999999.nii.gz"  # left by a run killed mid-write
+    stale.write_bytes(b"partial")
+    assert run_cli("--data-dir", dataset, "--n-sv", N_SV, "--out-dir", out_dir, "--workers", 1) == 1
+    err = capsys.readouterr().err
+    assert "image_1.nii.gz" in err and "truncated" in err and "removed 1 half-written" in err
+    assert not stale.exists() and not list(out_dir.glob("superpix-MIDDLE_*"))
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_cli_workers_end_with_their_parent():
+    import signal
+    import time
+
+    # a parent that starts a worker with the CLI's initializer, then is killed with SIGKILL
+    code = ("import os, time\nfrom concurrent.futures import ProcessPoolExecutor\n"
+            "from supervoxels.generate_supervoxels import _die_with_parent\n"
+            "pool = ProcessPoolExecutor(1, initializer=_die_with_parent, initargs=(os.getpid(),))\n"
+            "print(pool.submit(os.getpid).result(), flush=True)\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=str(Path(__file__).resolve().parents[1]))
+    worker = int(parent.stdout.readline())
+    assert _running(worker)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _running(worker):
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("the worker outlived its killed parent")

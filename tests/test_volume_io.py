@@ -161,7 +161,7 @@ def test_truncated_gzip_files_are_refused(data_dir, kind):
     path = {"image": data_dir / "image_2.nii.gz", "label": data_dir / "label_2.nii.gz",
             "supervoxel": data_dir / "supervoxels_5000" / "superpix-MIDDLE_2.nii.gz"}[kind]
     _cut(path)
-    with pytest.raises(ValueError, match=rf"{path.name}: (corrupt or truncated|truncated)") as info:
+    with pytest.raises(ValueError, match=rf"{path.name}: .*truncated") as info:
         load_case(data_dir, 2, SPEC, n_sv=5000)
     assert "\n" not in str(info.value)
 
@@ -180,7 +180,7 @@ def test_corrupt_gzip_and_short_data_are_refused(data_dir, tmp_path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"label_2.nii.gz: corrupt or truncated file"):
+    with pytest.raises(ValueError, match=r"label_2.nii.gz: cannot read, corrupt or truncated file"):
         read_nifti(path)
 
 
