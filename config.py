@@ -14,11 +14,13 @@ Library code never sees Sacred: :func:`resolve_config` turns the Sacred dict (or
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from sacred import SETTINGS, Experiment
 from sacred.observers import FileStorageObserver
@@ -41,6 +43,32 @@ class ConfigError(ValueError):
     """A config value that cannot work, reported before any work starts."""
 
 
+# errors caused by what the user gave (config, files, disk): one line at the entry points
+USER_ERRORS = (ValueError, OSError)
+DEBUG_ENV = "DMAP_DEBUG"
+
+
+def debug_enabled() -> bool:
+    """Whether ``DMAP_DEBUG`` is set (to anything but 0): entry points then show full tracebacks."""
+    return os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str) -> Iterator[None]:
+    """Turn user errors (``ValueError``, ``OSError``) into ``SystemExit("<prog>: error: ...")``.
+
+    Python prints that message alone on stderr and exits with status 1; ``DMAP_DEBUG=1`` re-raises the
+    original exception with its traceback instead.
+    """
+    try:
+        yield
+    except USER_ERRORS as exc:
+        if debug_enabled():
+            raise
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise SystemExit(f"{prog}: error: {text} (DMAP_DEBUG=1 shows the traceback)") from None
+
+
 def default_config() -> dict[str, Any]:
     """Default configuration: every key a run reads, with the paper's values."""
     return dict(
@@ -51,6 +79,7 @@ def default_config() -> dict[str, Any]:
         n_sv=None,  # supervoxel min_size; None -> the data set's default (5000 abdominal, 1000 cardiac)
         supervoxel_dir=None,  # None -> <data_dir>/supervoxels_<n_sv>; set it when data_dir is read-only
         eval_fold=0,
+        volumes=None,  # None -> the folder's volumes, which must be the registry's public ids; or a list of ids
         setting=1,  # 1: test organs may appear unlabelled in training; 2: slices with them are excluded
         test_label=None,  # None -> the data set's benchmark organs
         exclude_label=None,  # None -> test_label in setting 2, nothing in setting 1
@@ -70,6 +99,7 @@ def default_config() -> dict[str, Any]:
             "fixed_threshold": 0.9,
             "alpha": 10.0,
             "freeze_bn": False,  # batch-norm layers use running statistics in training
+            "min_loaded_fraction": 0.9,  # weights_path must fill this share of the backbone's tensors; 0: any
         },
         loss={"gamma": 0.7, "class_weights": [0.1, 1.0]},  # focal loss; weights (background, foreground)
         optim={"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4},
@@ -163,11 +193,13 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_experiment(name: str) -> Experiment:
+def make_experiment(name: str, validate: Callable[[dict[str, Any]], None] | None = None) -> Experiment:
     """A Sacred experiment with the shared config, the named configs and a file observer.
 
     The observer writes under ``<path.log_dir>/<experiment name>/<name>/<run id>/`` on the main process
-    only, so ``torchrun`` workers do not each create a run folder.
+    only, so ``torchrun`` workers do not each create a run folder. Before it is added, the config is
+    resolved (and passed to ``validate``, for the entry point's own checks): a refused config ends the
+    program with one line on stderr and leaves no run folder.
     """
     ex = Experiment(name, save_git_info=False)
     ex.add_config(default_config())
@@ -178,8 +210,14 @@ def make_experiment(name: str) -> Experiment:
     def add_observer(config, command_name, logger):  # noqa: ARG001 (Sacred passes these by name)
         # replace, not add: a process (a notebook, the tests) may run the experiment several times
         ex.observers[:] = [o for o in ex.observers if not isinstance(o, FileStorageObserver)]
+        resolved = config
+        if command_name == "main":
+            with one_line_errors(name):
+                resolved = resolve_config(config, need_supervoxels=name != "test")
+                if validate is not None:
+                    validate(resolved)
         if is_main_process():
-            ex.observers.append(FileStorageObserver(str(run_dir(config) / name)))
+            ex.observers.append(FileStorageObserver(str(run_dir(resolved) / name)))
         return {}
 
     return ex
@@ -246,6 +284,8 @@ def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervox
         ConfigError: one line naming the config key and what was expected.
     """
     cfg = copy.deepcopy(dict(config))
+    if str(cfg["dataset"]).upper() in DATASETS:  # names are case-insensitive: dataset=cmr is CMR
+        cfg["dataset"] = str(cfg["dataset"]).upper()
     _require(cfg["dataset"] in DATASETS,
              f"config key 'dataset' is {cfg['dataset']!r}; valid data sets: {', '.join(sorted(DATASETS))}")
     spec = get_dataset_spec(cfg["dataset"])
@@ -260,6 +300,21 @@ def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervox
     _require(model["backbone"] in BACKBONES,
              f"config key 'model.backbone' is {model['backbone']!r}; expected one of {BACKBONES}")
     _require(cfg["amp"] in AMP_MODES, f"config key 'amp' is {cfg['amp']!r}; expected one of {AMP_MODES}")
+    fraction = model.get("min_loaded_fraction", 0.9)
+    _require(isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 <= fraction <= 1,
+             f"config key 'model.min_loaded_fraction' is {fraction!r}; expected a number in [0, 1]")
+    volumes = cfg.get("volumes")
+    _require(volumes is None or (isinstance(volumes, (list, tuple)) and len(volumes) > 0 and all(
+             isinstance(v, int) and not isinstance(v, bool) for v in volumes)),
+             f"config key 'volumes' is {volumes!r}; expected None or a list of volume ids")
+    device = str(cfg["device"])
+    _require(device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", device) is not None,
+             f"config key 'device' is {device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if device.startswith("cuda"):
+        import torch
+
+        _require(torch.cuda.is_available(), f"config key 'device' is {device!r} but CUDA is not available on "
+                                            "this machine; use device=cpu or device=auto")
     for key in ("n_steps", "batch_size", "n_shot", "save_snapshot_every", "lr_step_size", "n_part"):
         _require(isinstance(cfg[key], int) and cfg[key] >= 1, f"config key '{key}' is {cfg[key]!r}; expected an integer >= 1")
     _require(cfg["image_size"] is None or (isinstance(cfg["image_size"], int) and cfg["image_size"] >= 32),

@@ -25,10 +25,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from config import ConfigError, configure_logging, make_experiment, resolve_config
+from config import ConfigError, configure_logging, make_experiment, one_line_errors, resolve_config
 from dataloaders.dataset_specifics import get_dataset_spec
 from dataloaders.episodes import GroundTruthEpisodes, SupervoxelEpisodes, build_training_cases
 from dataloaders.resize import ResizedEpisodes
+from dataloaders.test_episodes import fold_volume_ids
 from models.fewshot import FewShotSeg
 from models.losses import focal_loss
 from util.checkpoints import (
@@ -74,6 +75,7 @@ def build_model(model_cfg: dict[str, Any]) -> FewShotSeg:
         temperature=model_cfg["temperature"],
         fixed_threshold=model_cfg["fixed_threshold"],
         alpha=model_cfg["alpha"],
+        min_loaded_fraction=model_cfg.get("min_loaded_fraction", 0.9),
     )
 
 
@@ -81,7 +83,7 @@ def build_episodes(cfg: dict[str, Any]) -> torch.utils.data.Dataset:
     """Training episodes for every step of the run (all ranks share one indexable stream)."""
     spec = get_dataset_spec(cfg["dataset"])
     cases = build_training_cases(cfg["data_dir"], spec, cfg["eval_fold"], n_sv=cfg["n_sv"], use_gt=cfg["use_gt"],
-                                 sv_dir=cfg["supervoxel_dir"])
+                                 sv_dir=cfg["supervoxel_dir"], volumes=cfg.get("volumes"))
     world_size = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
     n_episodes = cfg["n_steps"] * cfg["batch_size"] * world_size
     common = dict(n_episodes=n_episodes, n_shot=cfg["n_shot"], exclude_labels=tuple(cfg["exclude_label"]),
@@ -197,6 +199,14 @@ def _train(cfg: dict[str, Any], ctx: DistributedContext, sacred_run: Any,
         LOGGER.info("%s already holds the finished run (%d steps)", final_path, start_step)
         return final_path
 
+    train_ids, held_out = fold_volume_ids(cfg["data_dir"], get_dataset_spec(cfg["dataset"]), cfg["eval_fold"],
+                                          cfg.get("volumes"))
+    if ctx.is_main:
+        LOGGER.info("%s fold %d: training on volumes %s; held out for evaluation %s", cfg["dataset"],
+                    cfg["eval_fold"], train_ids, held_out)
+    # test.py checks these against the fold it evaluates
+    fold_record = {"dataset": cfg["dataset"], "setting": cfg["setting"], "eval_fold": cfg["eval_fold"],
+                   "train_ids": train_ids, "test_ids": held_out}
     episodes = build_episodes(cfg)
     sampler = EpisodeIndexSampler(start_step, cfg["n_steps"], cfg["batch_size"], ctx.rank, ctx.world_size)
     workers = cfg["num_workers"]
@@ -220,7 +230,7 @@ def _train(cfg: dict[str, Any], ctx: DistributedContext, sacred_run: Any,
         if ctx.is_main:
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                             "step": step, "rng": capture_rng_state(), "config": cfg}, path)
+                             "step": step, "rng": capture_rng_state(), "config": cfg, "fold": fold_record}, path)
         barrier(ctx)
 
     step = start_step
@@ -281,17 +291,20 @@ def _train(cfg: dict[str, Any], ctx: DistributedContext, sacred_run: Any,
     return final_path
 
 
-ex = make_experiment("train")
+def check_training_inputs(cfg: dict[str, Any]) -> None:
+    """Checks made before Sacred creates a run folder: the volumes of the fold (see ``fold_volume_ids``)."""
+    fold_volume_ids(cfg["data_dir"], get_dataset_spec(cfg["dataset"]), cfg["eval_fold"], cfg.get("volumes"))
+
+
+ex = make_experiment("train", validate=check_training_inputs)
 
 
 @ex.main
 def main(_run, _config):
-    """Sacred entry point: validate, then train."""
-    try:
+    """Sacred entry point: validate, then train (user errors end as one line on stderr)."""
+    with one_line_errors("train"):
         cfg = resolve_config(_config)
-    except ConfigError as exc:
-        raise SystemExit(f"config error: {exc}") from None
-    return str(train(cfg, sacred_run=_run))
+        return str(train(cfg, sacred_run=_run))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from torch.utils.data import Dataset
 
 from dataloaders.dataset_specifics import DatasetSpec
 from dataloaders.transforms import AugmentParams, augment_pair
-from dataloaders.volume_io import Case, _compact, list_case_ids, load_cases
+from dataloaders.volume_io import Case, _compact, load_cases
 
 __all__ = [
     "SupervoxelEpisodes",
@@ -311,6 +311,7 @@ def build_training_cases(
     load_label: Optional[bool] = None,
     num_workers: int = 0,
     sv_dir: Optional[Union[str, Path]] = None,
+    volumes: Optional[Sequence[int]] = None,
 ) -> list:
     """Load the training volumes of a fold (all volumes not in the evaluation fold).
 
@@ -323,15 +324,15 @@ def build_training_cases(
         load_label: Also load labels in self-supervised mode (needed for Setting 2). Default: True.
         num_workers: Processes used to read the files (0: this process).
         sv_dir: Folder of the ``superpix-MIDDLE_<id>.nii.gz`` files (default ``data_dir/supervoxels_<n_sv>``).
+        volumes: Explicit volume ids (default: the folder, checked against the registry's public ids).
 
     Returns:
         List of ``Case``; supervoxels are stored in the smallest unsigned dtype holding them (uint8 for a
         few hundred supervoxels), to keep a fold of 256x256 volumes in little memory.
     """
-    from dataloaders.test_episodes import split_fold  # local: test_episodes imports this module's peers
+    from dataloaders.test_episodes import fold_volume_ids  # local: test_episodes imports this module's peers
 
-    ids = list_case_ids(data_dir)
-    train_ids, _ = split_fold(ids, spec, eval_fold)
+    train_ids, _ = fold_volume_ids(data_dir, spec, eval_fold, volumes)
     if use_gt:
         sv = None
         lab = True

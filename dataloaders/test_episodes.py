@@ -21,6 +21,7 @@ from dataloaders.volume_io import Case
 __all__ = [
     "TestChunk",
     "split_fold",
+    "fold_volume_ids",
     "support_query_ids",
     "support_rotation",
     "labelled_slices",
@@ -71,6 +72,44 @@ def split_fold(case_ids: Sequence[int], spec: DatasetSpec, fold: int) -> tuple:
     test = [cid for p, cid in enumerate(ids) if p in pos]
     train = [cid for p, cid in enumerate(ids) if p not in pos]
     return train, test
+
+
+def fold_volume_ids(data_dir, spec: DatasetSpec, fold: int, volumes: Optional[Sequence[int]] = None) -> tuple:
+    """Training and test ids of an EP1 fold, with the data folder checked against the registry.
+
+    Folds are positions in the sorted id list, so one missing volume would silently shift every fold. When
+    the registry knows the public ids (``spec.case_ids``), the folder must hold exactly those.
+
+    Args:
+        data_dir: Data set folder (``image_<id>.nii.gz`` files).
+        spec: Data set facts.
+        fold: Evaluation fold.
+        volumes: Explicit volume ids to use instead of the registry's (each must be in the folder).
+
+    Returns:
+        (train_ids, test_ids) as :func:`split_fold`.
+
+    Raises:
+        ValueError: one line naming the missing or unexpected ids.
+    """
+    from dataloaders.volume_io import list_case_ids
+
+    found = list_case_ids(data_dir)
+    if volumes is not None:
+        wanted = sorted({int(v) for v in volumes})
+        missing = sorted(set(wanted) - set(found))
+        if missing:
+            raise ValueError(f"{data_dir}: volume id(s) {missing} of config key 'volumes' have no image file")
+        return split_fold(wanted, spec, fold)
+    if spec.case_ids:
+        missing = sorted(set(spec.case_ids) - set(found))
+        unexpected = sorted(set(found) - set(spec.case_ids))
+        if missing or unexpected:
+            raise ValueError(
+                f"{data_dir}: {spec.name} has the {len(spec.case_ids)} public volumes {list(spec.case_ids)}; "
+                f"missing id(s) {missing}, unexpected id(s) {unexpected} would shift the EP1 folds "
+                "(set config key 'volumes' to the ids to use on purpose)")
+    return split_fold(found, spec, fold)
 
 
 def support_query_ids(test_ids: Sequence[int], supp_idx: int = 0) -> tuple:

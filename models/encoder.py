@@ -85,8 +85,19 @@ def build_dilated_resnet(backbone: str = "resnet101") -> torchvision.models.ResN
     return model
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (PyTorch >= 1.6) or, in the legacy format, a pickle (byte 0x80)."""
+    import zipfile
+
+    with open(path, "rb") as handle:
+        first = handle.read(1)
+    return first == b"\x80" or zipfile.is_zipfile(path)
+
+
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     """Reads a checkpoint file and returns its flat tensor mapping (unwrapping ``state_dict``/``model``)."""
+    if not _looks_like_torch_file(path):
+        raise ValueError(f"{path}: not a PyTorch checkpoint (expected a file written by torch.save)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the path
@@ -111,7 +122,7 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def load_backbone_weights(module: nn.Module, path: Union[str, Path]) -> int:
+def load_backbone_weights(module: nn.Module, path: Union[str, Path], min_fraction: float = 0.9) -> int:
     """Loads ResNet weights from a local checkpoint into ``module`` (a torchvision ResNet).
 
     Both layouts load: torchvision's DeepLabv3 COCO checkpoint (``backbone.conv1.weight``, ...; the
@@ -122,13 +133,17 @@ def load_backbone_weights(module: nn.Module, path: Union[str, Path]) -> int:
     Args:
         module: the ResNet to load into (e.g. ``Encoder.backbone``).
         path: local checkpoint file.
+        min_fraction: share of the backbone's tensors the file must provide, counting neither ``fc`` (absent
+            from DeepLabv3 checkpoints) nor the ``num_batches_tracked`` counters (absent from older ImageNet
+            files). 0 accepts any partial file.
 
     Returns:
         Number of tensors loaded (logged at INFO together with the backbone tensors left untouched).
 
     Raises:
         FileNotFoundError: the file does not exist (the message names the path).
-        ValueError: unreadable file, shape mismatch of a matching key (all listed), or no key matches.
+        ValueError: unreadable file, shape mismatch of a matching key (all listed), no key matches, or
+            fewer matches than ``min_fraction`` asks (the counts are named).
     """
     path = Path(path)
     if not path.is_file():
@@ -155,6 +170,13 @@ def load_backbone_weights(module: nn.Module, path: Union[str, Path]) -> int:
             f"(file keys look like: {example}); expected ImageNet keys ('conv1.weight') or "
             f"DeepLabv3 keys ('backbone.conv1.weight')"
         )
+    counted = [k for k in target if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    n_counted = sum(k in matched for k in counted)
+    if n_counted < min_fraction * len(counted):
+        raise ValueError(
+            f"{path}: only {n_counted} of the backbone's {len(counted)} tensors (fc and batch counters aside) "
+            f"are in the file, below model.min_loaded_fraction={min_fraction:g}; is it a "
+            f"{type(module).__name__} checkpoint of this depth? (model.min_loaded_fraction=0 loads it anyway)")
     with torch.no_grad():
         for name, tensor in matched.items():
             target[name].copy_(tensor.to(dtype=target[name].dtype))
@@ -176,6 +198,7 @@ class Encoder(nn.Module):
         weights_path: local checkpoint (DeepLabv3 COCO or ImageNet layout); ``None`` or ``""`` gives
             random initialisation and one ``UserWarning``.
         out_dim: channels of the reduced features.
+        min_loaded_fraction: see :func:`load_backbone_weights` (``min_fraction``).
 
     Attributes:
         hidden_channels: channels of the ``hidden`` stages (layer1, layer2, layer3).
@@ -183,7 +206,7 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, backbone: str = "resnet101", weights_path: Optional[Union[str, Path]] = None,
-                 out_dim: int = 512) -> None:
+                 out_dim: int = 512, min_loaded_fraction: float = 0.9) -> None:
         super().__init__()
         self.backbone_name = backbone
         self.backbone = build_dilated_resnet(backbone)
@@ -197,7 +220,7 @@ class Encoder(nn.Module):
         assert self.backbone.fc.in_features == layer4_channels
         self.weights_loaded = 0
         if weights_path:
-            self.weights_loaded = load_backbone_weights(self.backbone, weights_path)
+            self.weights_loaded = load_backbone_weights(self.backbone, weights_path, min_loaded_fraction)
         else:
             warnings.warn(f"Encoder({backbone}): no weights_path given, the backbone is randomly initialised",
                           UserWarning, stacklevel=2)

@@ -66,17 +66,21 @@ class FewShotSeg(nn.Module):
         ltg_dim: channels of LTG's F_hidden.
         xi_init: LTG's initial threshold.
         out_dim: feature channels after the 1x1 reduction.
+        min_loaded_fraction: share of the backbone's tensors ``weights_path`` must provide (see
+            :func:`models.encoder.load_backbone_weights`).
     """
 
     def __init__(self, backbone: str = "resnet101", weights_path: Optional[Union[str, Path]] = None,
                  dmap_mode: str = "learned", temperature: float = 0.05, fixed_threshold: float = 0.9,
-                 alpha: float = 10.0, ltg_dim: int = 64, xi_init: float = 0.5, out_dim: int = 512) -> None:
+                 alpha: float = 10.0, ltg_dim: int = 64, xi_init: float = 0.5, out_dim: int = 512,
+                 min_loaded_fraction: float = 0.9) -> None:
         super().__init__()
         if dmap_mode not in DMAP_MODES:
             raise ValueError(f"dmap_mode must be one of {DMAP_MODES}, got {dmap_mode!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.encoder = Encoder(backbone=backbone, weights_path=weights_path, out_dim=out_dim)
+        self.encoder = Encoder(backbone=backbone, weights_path=weights_path, out_dim=out_dim,
+                               min_loaded_fraction=min_loaded_fraction)
         # LTG exists in every mode so that checkpoints are interchangeable; it only runs in "learned" and
         # its parameters are frozen (requires_grad False) otherwise, so DDP sees no unused parameters.
         self.ltg = LearnableThresholdGeneration(self.encoder.hidden_channels, dim=ltg_dim, xi_init=xi_init)

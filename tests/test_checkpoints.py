@@ -74,3 +74,26 @@ def test_rng_state_round_trip():
     first = (np.random.rand(), torch.rand(1).item())
     restore_rng_state(state)
     assert (np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_disk_full_says_so(tmp_path, monkeypatch):
+    import errno
+
+    def short_write(obj, handle):  # what torch raises when the disk fills during torch.save
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed / unexpected pos 64 vs 4096")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    with pytest.raises(OSError, match=r"disk full: cannot write checkpoint .*a.pth \(\d+ MiB free") as info:
+        save_checkpoint({"step": 1}, tmp_path / "a.pth")
+    assert info.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_partial_model_checkpoint_is_refused(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    weights = model.state_dict()
+    del weights["1.bias"]  # one tensor short
+    save_checkpoint({"model": weights}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"partial.pth does not fit this model: 1 missing keys"):
+        load_model_weights(model, tmp_path / "partial.pth")

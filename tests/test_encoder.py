@@ -116,3 +116,25 @@ def test_shape_mismatch_is_error(tmp_path):
 def test_unknown_backbone():
     with pytest.raises(ValueError, match="unknown backbone"):
         build_dilated_resnet("vgg16")
+
+
+def test_partial_weights_file_is_refused_with_counts(tmp_path):
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    counted = [k for k in state if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    path = tmp_path / "partial.pth"
+    torch.save({k: state[k] for k in counted[:2]}, path)  # 2 of the backbone's tensors
+    with pytest.raises(ValueError, match=rf"only 2 of the backbone's {len(counted)} tensors .*min_loaded_fraction=0.9"):
+        Encoder("resnet18", weights_path=path)
+    # the override loads it anyway
+    assert Encoder("resnet18", weights_path=path, min_loaded_fraction=0).weights_loaded == 2
+    # a file without the batch counters (older ImageNet releases) is complete
+    path_no_counters = tmp_path / "no_counters.pth"
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path_no_counters)
+    assert Encoder("resnet18", weights_path=path_no_counters).weights_loaded == len(counted) + 2  # + fc
+
+
+def test_text_file_as_weights_names_the_problem(tmp_path):
+    path = tmp_path / "weights.pth"
+    path.write_text("not weights\n")
+    with pytest.raises(ValueError, match=r"weights.pth: not a PyTorch checkpoint"):
+        Encoder("resnet18", weights_path=path)

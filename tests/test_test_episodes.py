@@ -79,3 +79,29 @@ def test_missing_class():
         build_test_chunks(support, query, 2)
     with pytest.raises(ValueError, match="image_2.nii.gz: query volume has no slice with class 3"):
         build_test_chunks(_case(3, 5, [1], cls=3), query, 3)
+
+
+def _touch_images(folder, ids):
+    folder.mkdir(parents=True, exist_ok=True)
+    for cid in ids:
+        (folder / f"image_{cid}.nii.gz").write_bytes(b"")  # listing only reads names
+
+
+def test_fold_ids_are_checked_against_the_registry(tmp_path):
+    from dataloaders.test_episodes import fold_volume_ids
+
+    spec = get_dataset_spec("CHAOST2")
+    _touch_images(tmp_path, spec.case_ids)
+    assert fold_volume_ids(tmp_path, spec, 0)[1] == [1, 2, 3, 5, 8]
+    (tmp_path / "image_5.nii.gz").unlink()
+    (tmp_path / "image_99.nii.gz").write_bytes(b"")
+    # without the check, fold 0 would silently become [1, 2, 3, 8, 10]
+    with pytest.raises(ValueError, match=r"missing id\(s\) \[5\], unexpected id\(s\) \[99\].*'volumes'") as info:
+        fold_volume_ids(tmp_path, spec, 0)
+    assert "\n" not in str(info.value)
+    # an explicit list is used as given: 19 volumes, positions shift on purpose
+    ids = [c for c in spec.case_ids if c != 5]
+    train, test = fold_volume_ids(tmp_path, spec, 0, volumes=ids)
+    assert test == [1, 2, 3, 8, 10] and 99 not in train and 5 not in train
+    with pytest.raises(ValueError, match=r"volume id\(s\) \[5\] of config key 'volumes' have no image file"):
+        fold_volume_ids(tmp_path, spec, 0, volumes=spec.case_ids)

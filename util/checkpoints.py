@@ -1,8 +1,10 @@
 """Atomic checkpoint files: training state, resume and model-weight loading."""
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,11 +36,27 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+        if _disk_full(exc):
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(errno.ENOSPC, f"disk full: cannot write checkpoint {path} "
+                                        f"({free / 2**20:.0f} MiB free in {path.parent})") from exc
         raise
     return path
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether a failed write ran out of space; torch reports a short write as 'enforce fail ... unexpected
+    pos', with the OS's 'No space left on device' only in an earlier message."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "No space left" in str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -49,7 +67,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # corrupted file, wrong format
-        raise ValueError(f"could not read checkpoint {path}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"could not read checkpoint {path} (not a complete torch.save file?): {first}") from exc
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
@@ -67,12 +86,15 @@ def latest_checkpoint(snapshot_dir: str | os.PathLike) -> Path | None:
     return steps[-1] if steps else None
 
 
-def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> int:
+def load_model_weights(model: torch.nn.Module, path: str | os.PathLike, state: dict[str, Any] | None = None) -> int:
     """Load the model weights of a training checkpoint (or a bare state dict) into ``model``.
+
+    All of the model's tensors must be in the file: a partial model is never loaded silently.
 
     Args:
         model: the (unwrapped) model.
         path: a file written by training (``{"model": state_dict, ...}``) or a plain state dict.
+        state: the file's content when already read with :func:`load_checkpoint` (not read again).
 
     Returns:
         The number of tensors loaded.
@@ -81,7 +103,7 @@ def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> int:
         ValueError: when keys are missing or unexpected, or shapes differ (the file belongs to another
             model configuration), naming the file.
     """
-    state = load_checkpoint(path)
+    state = load_checkpoint(path) if state is None else state
     weights = state.get("model", state)
     # checkpoints saved from a DDP-wrapped model carry a "module." prefix
     weights = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
