@@ -17,7 +17,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,15 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from config import ConfigError, configure_logging, make_experiment, resolve_config
-from dataloaders.dataset_specifics import DatasetSpec, get_dataset_spec
-from dataloaders.test_episodes import build_test_chunks, split_fold
+from tqdm import tqdm
+
+from config import ConfigError, configure_logging, make_experiment, one_line_errors, resolve_config
+from dataloaders.dataset_specifics import DATASETS, DatasetSpec, get_dataset_spec
+from dataloaders.test_episodes import build_test_chunks, fold_volume_ids, labelled_slices, split_fold
 from dataloaders.volume_io import Case, list_case_ids, load_case, read_nifti, write_nifti_like
 from models.fewshot import FewShotSeg
 from dataloaders.resize import resize_images, resize_masks, resize_probabilities
 from training import build_model
 from util.amp import AmpUnsupported, autocast, resolve_amp
-from util.checkpoints import FINAL_NAME, load_model_weights
+from util.checkpoints import FINAL_NAME, load_checkpoint, load_model_weights
 from util.distributed import select_device
 from util.metrics import segmentation_scores
 from util.visualisation import save_overlay
@@ -80,15 +84,50 @@ def predict_query(model: FewShotSeg, support: Case, query: Case, label: int, n_p
             "copy": np.concatenate(copies), "target": np.concatenate(targets)}
 
 
+def _nanmean(values: list[float]) -> float:
+    """Mean over the defined values (NaN marks an undefined score); NaN when none is defined."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.mean(values[~np.isnan(values)])) if (~np.isnan(values)).any() else math.nan
+
+
+def _nanstd(values: list[float]) -> float:
+    """Population standard deviation over the defined values; NaN when none is defined."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.std(values[~np.isnan(values)])) if (~np.isnan(values)).any() else math.nan
+
+
 def _mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]} if rows else {}
+    """Score-wise mean of several score dicts, NaN entries left out (MONAI / nnU-Net convention)."""
+    return {key: _nanmean([row[key] for row in rows]) for key in SCORES}
+
+
+NAN_SCORES = {key: math.nan for key in SCORES}
+
+
+def check_supports(cases: list[Case], positions: list[int], labels: list[int], spec: DatasetSpec) -> None:
+    """Every support volume to be used must contain every test class; checked before any work.
+
+    Raises:
+        ConfigError: one line naming each support volume and the classes it lacks.
+    """
+    problems = []
+    for pos in positions:
+        lacking = [f"{spec.label_names[label]} ({label})" for label in labels
+                   if labelled_slices(cases[pos].label, label).size == 0]
+        if lacking:
+            problems.append(f"volume {cases[pos].case_id} ({cases[pos].image_path}) has no {', '.join(lacking)}")
+    if problems:
+        raise ConfigError("support " + "; ".join(problems) + "; choose another supp_idx or set test_label")
 
 
 def evaluate_support(model: FewShotSeg, cases: list[Case], supp_idx: int, spec: DatasetSpec, labels: list[int],
-                     cfg: dict[str, Any], device: torch.device, out_dir: Path | None) -> dict[str, Any]:
+                     cfg: dict[str, Any], device: torch.device, out_dir: Path | None,
+                     progress: tqdm | None = None) -> dict[str, Any]:
     """EP1 with the fold member at position ``supp_idx`` as support and the others as queries.
 
-    When ``out_dir`` is given, predictions (NIfTI label maps) and overlays are written there.
+    A query volume without a class scores NaN for it (with a warning) and is left out of that class's
+    mean. When ``out_dir`` is given, predictions (NIfTI label maps) and overlays are written there.
+    Label-map merge: a voxel takes the class with the highest foreground probability above 0.5.
     """
     support, queries = cases[supp_idx], [c for i, c in enumerate(cases) if i != supp_idx]
     classes: dict[str, Any] = {}
@@ -98,6 +137,14 @@ def evaluate_support(model: FewShotSeg, cases: list[Case], supp_idx: int, spec: 
         name = spec.label_names[label]
         per_query: dict[str, Any] = {}
         for query in queries:
+            if progress is not None:
+                progress.set_postfix_str(f"support {support.case_id} {name} query {query.case_id}")
+                progress.update(1)
+            if labelled_slices(query.label, label).size == 0:
+                LOGGER.warning("query volume %d has no %s: scored NaN, left out of the means", query.case_id, name)
+                per_query[str(query.case_id)] = {"model": dict(NAN_SCORES), "copy_support": dict(NAN_SCORES),
+                                                 "n_slices": 0}
+                continue
             result = predict_query(model, support, query, label, cfg["n_part"], cfg["eval_batch"], device, cfg["amp"],
                                    cfg.get("image_size"))
             pred = (result["prob"] > 0.5).astype(np.uint8)
@@ -135,25 +182,49 @@ def evaluate_support(model: FewShotSeg, cases: list[Case], supp_idx: int, spec: 
     }
 
 
+def load_fold_cases(cfg: dict[str, Any]) -> list[Case]:
+    """The volumes of the evaluation fold (folder checked against the registry), with labels."""
+    spec = get_dataset_spec(cfg["dataset"])
+    _, test_ids = fold_volume_ids(cfg["data_dir"], spec, cfg["eval_fold"], cfg.get("volumes"))
+    return [load_case(cfg["data_dir"], case_id, spec, n_sv=None, load_label=True) for case_id in test_ids]
+
+
 def evaluate_fold(model: FewShotSeg, cfg: dict[str, Any], device: torch.device,
-                  out_dir: Path | None) -> dict[str, Any]:
-    """Run EP1 on the evaluation fold (optionally rotating the support) and aggregate the scores."""
+                  out_dir: Path | None, cases: list[Case] | None = None) -> dict[str, Any]:
+    """Run EP1 on the evaluation fold (optionally rotating the support) and aggregate the scores.
+
+    Aggregation: per support, a class's score is the mean over query volumes and the overall score the
+    mean over classes; the summary averages each over the supports (one support unless
+    ``rotate_support``) and gives the population standard deviation of Dice over supports. Means skip
+    NaN (undefined) scores.
+
+    Args:
+        cases: the fold's volumes, sorted by id; None loads them (:func:`load_fold_cases`).
+    """
     if not cfg["eval_batch"]:
         # bench/train_step.py: chunks of 8 slices cost 1.6x more per slice than single slices on 2 CPU cores
         cfg = dict(cfg, eval_batch=16 if device.type == "cuda" else 1)
     spec = get_dataset_spec(cfg["dataset"])
-    _, test_ids = split_fold(list_case_ids(cfg["data_dir"]), spec, cfg["eval_fold"])
-    cases = [load_case(cfg["data_dir"], case_id, spec, n_sv=None, load_label=True) for case_id in test_ids]
+    if cases is None:
+        cases = load_fold_cases(cfg)
+    test_ids = [c.case_id for c in cases]
     if not 0 <= cfg["supp_idx"] < len(cases):
         raise ConfigError(f"config key 'supp_idx' is {cfg['supp_idx']}; fold {cfg['eval_fold']} has "
                           f"{len(cases)} volumes (0..{len(cases) - 1})")
     order = [cfg["supp_idx"]] + ([i for i in range(len(cases)) if i != cfg["supp_idx"]] if cfg["rotate_support"] else [])
+    check_supports(cases, order, cfg["test_label"], spec)
     runs = []
-    for i, supp_idx in enumerate(order):
-        LOGGER.info("support volume %d (position %d of fold %d)", cases[supp_idx].case_id, supp_idx, cfg["eval_fold"])
-        # predictions and pictures for the configured support only
-        runs.append(evaluate_support(model, cases, supp_idx, spec, cfg["test_label"], cfg, device,
-                                     out_dir if i == 0 else None))
+    progress = tqdm(total=len(order) * len(cfg["test_label"]) * (len(cases) - 1), desc="test", unit="query",
+                    dynamic_ncols=True, disable=None)
+    try:
+        for i, supp_idx in enumerate(order):
+            LOGGER.info("support volume %d (position %d of fold %d); query volumes %s", cases[supp_idx].case_id,
+                        supp_idx, cfg["eval_fold"], [c.case_id for j, c in enumerate(cases) if j != supp_idx])
+            # predictions and pictures for the configured support only
+            runs.append(evaluate_support(model, cases, supp_idx, spec, cfg["test_label"], cfg, device,
+                                         out_dir if i == 0 else None, progress))
+    finally:
+        progress.close()
     summary: dict[str, Any] = {
         "dataset": cfg["dataset"], "setting": cfg["setting"], "eval_fold": cfg["eval_fold"],
         "test_ids": [int(x) for x in test_ids], "test_label": cfg["test_label"],
@@ -161,14 +232,14 @@ def evaluate_fold(model: FewShotSeg, cfg: dict[str, Any], device: torch.device,
     }
     for name in runs[0]["classes"]:
         summary["classes"][name] = {
-            method: {key: float(np.mean([r["classes"][name][method][key] for r in runs])) for key in SCORES}
+            method: {key: _nanmean([r["classes"][name][method][key] for r in runs]) for key in SCORES}
             for method in ("model", "copy_support")
         }
-        summary["classes"][name]["dice_std_over_supports"] = float(
-            np.std([r["classes"][name]["model"]["dice"] for r in runs]))
+        summary["classes"][name]["dice_std_over_supports"] = _nanstd(
+            [r["classes"][name]["model"]["dice"] for r in runs])
     for method in ("model", "copy_support"):
-        summary["mean"][method] = {key: float(np.mean([r["mean"][method][key] for r in runs])) for key in SCORES}
-    summary["mean"]["dice_std_over_supports"] = float(np.std([r["mean"]["model"]["dice"] for r in runs]))
+        summary["mean"][method] = {key: _nanmean([r["mean"][method][key] for r in runs]) for key in SCORES}
+    summary["mean"]["dice_std_over_supports"] = _nanstd([r["mean"]["model"]["dice"] for r in runs])
     return summary
 
 
@@ -202,10 +273,84 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_path(cfg: dict[str, Any]) -> Path:
+    """The checkpoint to evaluate: ``reload_model_path`` or ``<run_dir>/snapshots/final.pth``."""
+    checkpoint = Path(cfg["reload_model_path"] or Path(cfg["snapshot_dir"]) / FINAL_NAME)
+    if not checkpoint.is_file():
+        raise ConfigError(f"config key 'reload_model_path': no checkpoint at {checkpoint} (train first, or "
+                          "pass reload_model_path=...)")
+    return checkpoint
+
+
+def checkpoint_training_ids(state: dict[str, Any], cfg: dict[str, Any]) -> tuple[str, int, list[int]] | None:
+    """(data set, fold, training volume ids) of a checkpoint, or None when it does not say.
+
+    Checkpoints record them under ``"fold"``; for older ones they are derived from the stored config's
+    data set and fold (the registry's public ids, else the ids of the data folder).
+    """
+    if isinstance(state.get("fold"), dict):
+        fold = state["fold"]
+        return str(fold["dataset"]), int(fold["eval_fold"]), [int(x) for x in fold["train_ids"]]
+    stored = state.get("config")
+    if not isinstance(stored, dict) or str(stored.get("dataset", "")).upper() not in DATASETS:
+        return None
+    spec = get_dataset_spec(stored["dataset"])
+    ids = stored.get("volumes") or spec.case_ids
+    if not ids:
+        for folder in (stored.get("data_dir"), cfg["data_dir"] if spec.name == cfg["dataset"] else None):
+            if folder and Path(folder).is_dir():
+                ids = list_case_ids(folder)
+                break
+    if not ids:
+        return None
+    train_ids, _ = split_fold(ids, spec, int(stored["eval_fold"]))
+    return spec.name, int(stored["eval_fold"]), train_ids
+
+
+def check_checkpoint(state: dict[str, Any], cfg: dict[str, Any], test_ids: list[int], path: Path) -> None:
+    """Refuse a checkpoint trained on volumes of the evaluation fold; warn when it stopped early.
+
+    Raises:
+        ConfigError: one line naming the checkpoint's fold and the overlapping volume ids.
+    """
+    trained = checkpoint_training_ids(state, cfg)
+    if trained is None:
+        LOGGER.warning("%s does not say which volumes it was trained on: the fold is not checked", path)
+    elif trained[0] != cfg["dataset"]:
+        LOGGER.info("%s was trained on %s: evaluating on %s (no shared volumes)", path, trained[0], cfg["dataset"])
+    else:
+        overlap = sorted(set(trained[2]) & set(test_ids))
+        if overlap:
+            raise ConfigError(
+                f"checkpoint {path} was trained on {trained[0]} fold {trained[1]}, whose training volumes "
+                f"{overlap} are in evaluation fold {cfg['eval_fold']}; use eval_fold={trained[1]} or that "
+                "fold's checkpoint")
+    n_steps = (state.get("config") or {}).get("n_steps")
+    if isinstance(state.get("step"), int) and isinstance(n_steps, int) and state["step"] < n_steps:
+        LOGGER.warning("%s stopped after %d of %d training steps (time limit or interruption; resume=True "
+                       "finishes it)", path, state["step"], n_steps)
+
+
+def validate_test_inputs(cfg: dict[str, Any]) -> None:
+    """Checks made before Sacred creates a run folder: the checkpoint exists, the fold's volumes."""
+    checkpoint_path(cfg)
+    fold_volume_ids(cfg["data_dir"], get_dataset_spec(cfg["dataset"]), cfg["eval_fold"], cfg.get("volumes"))
+
+
+def clear_results(out_dir: Path) -> None:
+    """Remove the files an earlier evaluation wrote into ``out_dir`` (and nothing else)."""
+    for name in ("results.json", "results.csv"):
+        (out_dir / name).unlink(missing_ok=True)
+    for name in ("predictions", "overlays"):
+        if (out_dir / name).is_dir():
+            shutil.rmtree(out_dir / name)
+
+
 def run_test(cfg: dict[str, Any], out_dir: Path | None = None) -> tuple[dict[str, Any], Path]:
     """Load the checkpoint named by the config, evaluate, write the results; returns (summary, out_dir).
 
-    ``out_dir`` defaults to ``<run_dir>/results``.
+    ``out_dir`` defaults to ``<run_dir>/results``; an earlier run's results there are removed first, so
+    its files always come from this run.
     """
     device = select_device(cfg["device"])
     try:
@@ -214,35 +359,37 @@ def run_test(cfg: dict[str, Any], out_dir: Path | None = None) -> tuple[dict[str
         raise ConfigError(str(exc)) from None
     if cfg["num_threads"]:
         torch.set_num_threads(cfg["num_threads"])
-    checkpoint = Path(cfg["reload_model_path"] or Path(cfg["snapshot_dir"]) / FINAL_NAME)
-    if not checkpoint.is_file():
-        raise ConfigError(f"config key 'reload_model_path': no checkpoint at {checkpoint} (train first, or "
-                          "pass reload_model_path=...)")
+    checkpoint = checkpoint_path(cfg)
+    state = load_checkpoint(checkpoint)
+    _, test_ids = fold_volume_ids(cfg["data_dir"], get_dataset_spec(cfg["dataset"]), cfg["eval_fold"],
+                                  cfg.get("volumes"))
+    check_checkpoint(state, cfg, test_ids, checkpoint)
     model_cfg = dict(cfg["model"], weights_path="")  # the checkpoint holds every weight
     with warnings.catch_warnings():  # "randomly initialised" is true only until the next line
         warnings.filterwarnings("ignore", message=".*randomly initialised.*")
         model = build_model(model_cfg)
-    n_loaded = load_model_weights(model, checkpoint)
+    n_loaded = load_model_weights(model, checkpoint, state=state)
+    del state
     LOGGER.info("loaded %d tensors from %s", n_loaded, checkpoint)
     model.to(device).eval()
     out_dir = Path(out_dir) if out_dir is not None else Path(cfg["run_dir"]) / "results"
-    summary = evaluate_fold(model, cfg, device, out_dir if cfg["save_predictions"] else None)
+    clear_results(out_dir)  # never leave this run's files beside an earlier run's
+    summary = evaluate_fold(model, cfg, device, out_dir if cfg["save_predictions"] else None,
+                            cases=load_fold_cases(cfg))
     summary["checkpoint"] = str(checkpoint)
     write_results(summary, out_dir)
     return summary, out_dir
 
 
-ex = make_experiment("test")
+ex = make_experiment("test", validate=validate_test_inputs)
 
 
 @ex.main
 def main(_run, _config):
     """Sacred entry point: validate, evaluate, print the table, store results as artifacts."""
-    try:
+    with one_line_errors("test"):
         cfg = resolve_config(_config, need_supervoxels=False)
         summary, out_dir = run_test(cfg)
-    except ConfigError as exc:
-        raise SystemExit(f"config error: {exc}") from None
     print(format_table(summary))
     print(f"results: {out_dir / 'results.json'}")
     for name in ("results.json", "results.csv"):
