@@ -35,16 +35,21 @@ def collect(root: Path) -> dict[str, list[dict]]:
 
 
 def summarize_group(results: list[dict]) -> dict:
-    """Mean and standard deviation over folds of each class's Dice (model and copy baseline)."""
+    """Mean and population standard deviation over folds of each class's Dice (model and copy baseline)."""
     names = list(results[0]["classes"])
     table = {}
     for name in names + ["mean"]:
         picks = [r["mean"] for r in results] if name == "mean" else [r["classes"][name] for r in results
                                                                       if name in r["classes"]]
-        model = [p["model"]["dice"] for p in picks]
-        copy = [p["copy_support"]["dice"] for p in picks]
-        table[name] = {"dice_mean": float(np.mean(model)), "dice_std": float(np.std(model)),
-                       "copy_dice_mean": float(np.mean(copy)), "n_folds": len(picks)}
+        # a fold where the class was undefined (NaN: absent from every query) is left out
+        model = np.array([p["model"]["dice"] for p in picks], dtype=np.float64)
+        copy = np.array([p["copy_support"]["dice"] for p in picks], dtype=np.float64)
+        defined = ~np.isnan(model)
+        model, copy = model[defined], copy[defined]
+        table[name] = {"dice_mean": float(np.mean(model)) if model.size else float("nan"),
+                       "dice_std": float(np.std(model)) if model.size else float("nan"),
+                       "copy_dice_mean": float(np.mean(copy)) if copy.size else float("nan"),
+                       "n_folds": int(defined.sum())}
     return {"folds": sorted(r["eval_fold"] for r in results), "classes": table}
 
 

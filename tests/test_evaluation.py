@@ -178,3 +178,51 @@ def test_label_maps_merge_by_highest_probability(script, monkeypatch, tmp_path):
     merged = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "predictions" / "query_2.nii.gz")))
     assert merged[0, 0].tolist() == [SPLEEN, LIVER, 0, SPLEEN]
     assert not merged[1].any() and not merged[0, 1:].any()
+
+
+def chaos_cfg(tmp_path, eval_fold):
+    return {"dataset": "CHAOST2", "eval_fold": eval_fold, "data_dir": str(tmp_path)}
+
+
+def test_checkpoint_of_another_fold_is_refused(script):
+    from dataloaders.dataset_specifics import get_dataset_spec
+    from dataloaders.test_episodes import split_fold
+
+    spec = get_dataset_spec("CHAOST2")
+    train1, test1 = split_fold(spec.case_ids, spec, 1)
+    _, test0 = split_fold(spec.case_ids, spec, 0)
+    state = {"fold": {"dataset": "CHAOST2", "setting": 1, "eval_fold": 1, "train_ids": train1, "test_ids": test1},
+             "config": {"n_steps": 10}, "step": 10}
+    # fold 1 = positions 4-8; it trained on positions 0-3 = ids 1, 2, 3, 5 of evaluation fold 0 = [1, 2, 3, 5, 8]
+    with pytest.raises(ConfigError, match=r"trained on CHAOST2 fold 1, whose training volumes \[1, 2, 3, 5\] are in "
+                                          r"evaluation fold 0; use eval_fold=1") as info:
+        script.check_checkpoint(state, {"dataset": "CHAOST2", "eval_fold": 0, "data_dir": ""}, test0, "c.pth")
+    assert "\n" not in str(info.value)
+    script.check_checkpoint(state, {"dataset": "CHAOST2", "eval_fold": 1, "data_dir": ""}, test1, "c.pth")
+
+
+def test_older_checkpoint_without_ids_is_checked_through_its_config(script, caplog):
+    from dataloaders.dataset_specifics import get_dataset_spec
+    from dataloaders.test_episodes import split_fold
+
+    spec = get_dataset_spec("CHAOST2")
+    state = {"config": {"dataset": "CHAOST2", "eval_fold": 2, "n_steps": 35000}, "step": 5000}  # no "fold"
+    assert script.checkpoint_training_ids(state, {"dataset": "CHAOST2", "data_dir": ""}) == (
+        "CHAOST2", 2, split_fold(spec.case_ids, spec, 2)[0])
+    _, test0 = split_fold(spec.case_ids, spec, 0)
+    with pytest.raises(ConfigError, match=r"fold 2, whose training volumes \[1, 2, 3, 5, 8\] are in evaluation fold 0"):
+        script.check_checkpoint(state, {"dataset": "CHAOST2", "eval_fold": 0, "data_dir": ""}, test0, "old.pth")
+    _, test2 = split_fold(spec.case_ids, spec, 2)
+    with caplog.at_level(logging.WARNING, logger="test"):
+        script.check_checkpoint(state, {"dataset": "CHAOST2", "eval_fold": 2, "data_dir": ""}, test2, "old.pth")
+    assert "stopped after 5000 of 35000 training steps" in caplog.text
+
+
+def test_summarize_skips_undefined_folds():
+    from test_summarize import fake_result, load_summarize
+
+    results = [fake_result(0, 0.8, 0.4, 0.3), fake_result(1, 0.6, float("nan"), 0.3), fake_result(2, 0.4, 0.8, 0.3)]
+    table = load_summarize().summarize_group(results)["classes"]
+    assert table["liver"]["dice_mean"] == pytest.approx(0.6)
+    assert table["liver"]["dice_std"] == pytest.approx(math.sqrt(0.08 / 3))
+    assert table["spleen"]["dice_mean"] == pytest.approx(0.6) and table["spleen"]["n_folds"] == 2
