@@ -27,8 +27,9 @@ import numpy as np
 
 RUN_PATTERN = re.compile(r"^(?P<dataset>\w+?)_setting(?P<setting>\d)_fold(?P<fold>\d+)_(?P<mode>learned|fixed|off)$")
 MODES = ("learned", "fixed", "off")
-CURVES = (("loss", "focal loss (moving average of 10 logs)"), ("xi", "threshold xi"),
-          ("kept_fraction", "kept fraction of support pixels"))
+CURVES = (("loss", "focal loss (moving average of 10 logs)"), ("xi", "threshold xi (learned, fixed)"),
+          ("kept_fraction", "kept fraction of support pixels (moving average)"))
+LAST_N = 3  # the table also gives the mean Dice of the last LAST_N evaluated checkpoints: one snapshot is noisy
 
 
 def read_json(path: Path) -> dict:
@@ -74,14 +75,22 @@ def collect(root: Path) -> list[dict]:
             "mean": summary["mean"]["model"]["dice"], "copy_mean": summary["mean"]["copy_support"]["dice"],
             "precision": summary["mean"]["model"]["precision"], "recall": summary["mean"]["model"]["recall"],
             "support_id": summary["supports"][0]["support_id"], "snapshots": sorted(snapshots), "step": last,
+            "last_mean": last_n_mean(sorted(snapshots)),
         })
     return records
+
+
+def last_n_mean(snapshots: list[tuple[int, float]], n: int = LAST_N) -> float | None:
+    """Mean Dice of the ``n`` latest (step, Dice) evaluations; None with fewer than ``n``."""
+    if len(snapshots) < n:
+        return None
+    return float(np.mean([dice for _, dice in sorted(snapshots)[-n:]]))
 
 
 def table_rows(records: list[dict]) -> tuple[list[str], list[list]]:
     """Header and rows: per fold the arms then the baseline; then the mean over folds when several."""
     classes = records[0]["classes"]
-    header = ["fold", "arm", "steps", *classes, "mean", "precision", "recall"]
+    header = ["fold", "arm", "steps", *classes, "mean", f"mean of last {LAST_N} checkpoints", "precision", "recall"]
     rows = []
     by_fold: dict[int, dict[str, dict]] = defaultdict(dict)
     for rec in records:
@@ -91,9 +100,11 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list]]:
         for mode in MODES:
             if mode in arms:
                 r = arms[mode]
-                rows.append([fold, mode, r["step"], *(r["model"][c] for c in classes), r["mean"], r["precision"], r["recall"]])
+                last = "" if r["last_mean"] is None else r["last_mean"]
+                rows.append([fold, mode, r["step"], *(r["model"][c] for c in classes), r["mean"], last,
+                             r["precision"], r["recall"]])
         base = next(iter(arms.values()))
-        rows.append([fold, "copy-the-support", "", *(base["copy"][c] for c in classes), base["copy_mean"], "", ""])
+        rows.append([fold, "copy-the-support", "", *(base["copy"][c] for c in classes), base["copy_mean"], "", "", ""])
     if len(by_fold) > 1:
         for mode in (*MODES, "copy-the-support"):
             folds = [f for f in sorted(by_fold) if (mode in by_fold[f] if mode != "copy-the-support" else True)]
@@ -103,7 +114,7 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list]]:
             key, mean_key = ("model", "mean") if mode in MODES else ("copy", "copy_mean")
             rows.append([f"mean of {len(folds)} folds ({' '.join(map(str, folds))})", mode, "",
                          *(float(np.mean([p[key][c] for p in picked])) for c in classes),
-                         float(np.mean([p[mean_key] for p in picked])), "", ""])
+                         float(np.mean([p[mean_key] for p in picked])), "", "", ""])
     return header, rows
 
 
@@ -145,8 +156,10 @@ def plot(records: list[dict], root: Path) -> list[Path]:
             for ax, (name, title) in zip(axes, CURVES):
                 if name not in metrics:
                     continue
+                if name == "xi" and rec["mode"] == "off":
+                    continue  # plain MAP logs the sentinel -1: no threshold
                 steps, values = metrics[name]
-                if name == "loss":
+                if name != "xi":
                     values = moving_average(values)
                     steps = steps[len(steps) - len(values):]
                 ax.plot(steps, values, label=rec["mode"], color=colours[rec["mode"]], lw=1.2)
