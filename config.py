@@ -32,6 +32,8 @@ from util.distributed import is_main_process
 
 REPO_ROOT = Path(__file__).resolve().parent
 DMAP_MODES = ("learned", "fixed", "off")
+SAMPLERS = ("public", "valid_windows")
+AUGMENT_PROFILES = ("public", "compact")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 # tqdm and DataLoader workers do not mix with Sacred's stdout capture
@@ -90,6 +92,14 @@ def default_config() -> dict[str, Any]:
         min_fg_pixels=200,  # self-supervised episodes: pixels in the larger of the two masks
         image_size=None,  # None -> the data's slice size; else the model runs at image_size x image_size
         #                   (episodes and EP1 inputs resized; predictions resized back before scoring)
+        # "public": draw a supervoxel uniformly, then a slice run and a start slice, redraw while the larger
+        # mask has < min_fg_pixels (the public code's distribution); "valid_windows": draw uniformly among
+        # supervoxels with at least one valid window (favours small supervoxels; this project's first sampler)
+        sampler="public",
+        # "public": independent coins for gamma and geometry, shear about the origin, zero-filled border,
+        # 21-tap elastic blur (the public code's distribution, one interpolation); "compact": one coin, shear
+        # about the centre, reflected border, 41-tap blur (this project's first augmentation)
+        augment_profile="public",
 
         model={
             "backbone": "resnet101",
@@ -100,15 +110,19 @@ def default_config() -> dict[str, Any]:
             "alpha": 10.0,
             "freeze_bn": False,  # batch-norm layers use running statistics in training
             "min_loaded_fraction": 0.9,  # weights_path must fill this share of the backbone's tensors; 0: any
+            # training: layer4 (the tau head's input) sees support and query in one batch, as the public
+            # code; False: the query only (this project's first behaviour)
+            "bn_with_support": True,
         },
         loss={"gamma": 0.7, "class_weights": [0.1, 1.0]},  # focal loss; weights (background, foreground)
         optim={"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4},
         lr_step_size=3000,
         lr_gamma=0.98,
-        n_steps=35000,
+        n_steps=33000,  # the public code: 11 x 3000 steps
         batch_size=1,  # episodes per step (per process under torchrun)
         save_snapshot_every=5000,
-        keep_snapshots=2,  # step snapshots kept besides final.pth
+        keep_snapshots=2,  # step snapshots kept besides final.pth (and the eval_step snapshot)
+        eval_step=30000,  # test.py evaluates this step's snapshot when it exists (the public protocol)
         log_every=20,
         resume=False,
         time_limit_min=0,  # > 0: stop cleanly after this many minutes (weights saved; resume=True continues)
@@ -125,7 +139,7 @@ def default_config() -> dict[str, Any]:
         rotate_support=False,  # evaluate with every fold member as support, report mean and spread
         n_part=3,
         eval_batch=0,  # query slices per forward; 0 -> 16 on CUDA, 1 on CPU (batches were slower there)
-        reload_model_path=None,  # None -> <run_dir>/snapshots/final.pth
+        reload_model_path=None,  # None -> the eval_step snapshot if it exists, else <run_dir>/snapshots/final.pth
         save_predictions=True,
         n_overlays=3,  # PNG overlays per class and query volume
 
@@ -164,7 +178,10 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     # a step on 2 cores; background weight 0.5 beat 1.0 (Dice 0.59 vs 0.44 after 1445 steps) and the
     # paper's 0.1 over-segments from random weights; the learning rate decays x0.7 every 1200 steps.
     "cpu": {
-        "model": {"backbone": "resnet18"},
+        "model": {"backbone": "resnet18", "bn_with_support": False},
+        # the episode sampler and augmentation these runs were measured with (before the public-code defaults)
+        "sampler": "valid_windows",
+        "augment_profile": "compact",
         "image_size": 160,
         "n_steps": 3600,
         "optim": {"lr": 1e-2},
@@ -175,6 +192,17 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "save_snapshot_every": 600,
         "keep_snapshots": 10,
         "num_workers": 1,
+    },
+    # the public DMAP code in every switchable point (README "What differs from the public code"); the
+    # remaining difference, the resampled size of pre-processing, is `--resample-size` of the pre-processing
+    "public_code": {
+        "model": {"dmap_mode": "fixed", "fixed_threshold": 0.9, "bn_with_support": True},
+        "exclude_mode": "all",
+        "sampler": "public",
+        "augment_profile": "public",
+        "supp_idx": 2,
+        "n_steps": 33000,
+        "eval_step": 30000,
     },
     # a few steps on tiny synthetic data: the end-to-end test
     "smoke": {
@@ -294,7 +322,14 @@ def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervox
     _require(cfg["setting"] in (1, 2), f"config key 'setting' is {cfg['setting']!r}; expected 1 or 2")
     _require(cfg["exclude_mode"] in ("any", "all"),
              f"config key 'exclude_mode' is {cfg['exclude_mode']!r}; expected 'any' or 'all'")
+    _require(cfg["sampler"] in SAMPLERS, f"config key 'sampler' is {cfg['sampler']!r}; expected one of {SAMPLERS}")
+    _require(cfg["augment_profile"] in AUGMENT_PROFILES,
+             f"config key 'augment_profile' is {cfg['augment_profile']!r}; expected one of {AUGMENT_PROFILES}")
+    _require(cfg["eval_step"] is None or (isinstance(cfg["eval_step"], int) and cfg["eval_step"] >= 0),
+             f"config key 'eval_step' is {cfg['eval_step']!r}; expected an integer >= 0 (0 or None: final.pth)")
     model = cfg["model"]
+    _require(isinstance(model["bn_with_support"], bool),
+             f"config key 'model.bn_with_support' is {model['bn_with_support']!r}; expected True or False")
     _require(model["dmap_mode"] in DMAP_MODES,
              f"config key 'model.dmap_mode' is {model['dmap_mode']!r}; expected one of {DMAP_MODES}")
     _require(model["backbone"] in BACKBONES,

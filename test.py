@@ -3,6 +3,9 @@
     python test.py with dataset=CHAOST2 eval_fold=0 data_root=../shared/data
     python test.py with dataset=CHAOST2 eval_fold=0 rotate_support=True reload_model_path=path/to/final.pth
 
+Without ``reload_model_path`` the run's ``eval_step`` snapshot (30,000 steps) is evaluated when it exists,
+else ``final.pth``.
+
 For each test class and each query volume of the fold, the query's slices that contain the class are cut
 into ``n_part`` chunks; chunk k is segmented with the support slice at position k (1/6, 1/2, 5/6 of the
 support's labelled slices), the support being encoded once per chunk. Scores are 3-D over the kept slices.
@@ -37,7 +40,7 @@ from models.fewshot import FewShotSeg
 from dataloaders.resize import resize_images, resize_masks, resize_probabilities
 from training import build_model
 from util.amp import AmpUnsupported, autocast, resolve_amp
-from util.checkpoints import FINAL_NAME, load_checkpoint, load_model_weights
+from util.checkpoints import FINAL_NAME, load_checkpoint, load_model_weights, step_checkpoint_name
 from util.distributed import select_device
 from util.metrics import segmentation_scores
 from util.visualisation import save_overlay
@@ -273,9 +276,26 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def default_checkpoint(cfg: dict[str, Any]) -> Path:
+    """The checkpoint ``test.py`` evaluates: ``reload_model_path``, else the ``eval_step`` snapshot (the
+    public protocol: 33,000 training steps, the 30,000-step snapshot evaluated) when it exists, else
+    ``final.pth`` (runs shorter than ``eval_step``, or ``eval_step`` 0/None)."""
+    if cfg["reload_model_path"]:
+        return Path(cfg["reload_model_path"])
+    snapshot_dir = Path(cfg["snapshot_dir"])
+    if cfg.get("eval_step"):
+        step_path = snapshot_dir / step_checkpoint_name(cfg["eval_step"])
+        if step_path.is_file():
+            return step_path
+        if cfg["n_steps"] > cfg["eval_step"]:
+            LOGGER.warning("no snapshot of step %d in %s: evaluating %s instead", cfg["eval_step"], snapshot_dir,
+                           FINAL_NAME)
+    return snapshot_dir / FINAL_NAME
+
+
 def checkpoint_path(cfg: dict[str, Any]) -> Path:
-    """The checkpoint to evaluate: ``reload_model_path`` or ``<run_dir>/snapshots/final.pth``."""
-    checkpoint = Path(cfg["reload_model_path"] or Path(cfg["snapshot_dir"]) / FINAL_NAME)
+    """The checkpoint to evaluate (:func:`default_checkpoint`), checked to exist."""
+    checkpoint = default_checkpoint(cfg)
     if not checkpoint.is_file():
         raise ConfigError(f"config key 'reload_model_path': no checkpoint at {checkpoint} (train first, or "
                           "pass reload_model_path=...)")

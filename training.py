@@ -30,6 +30,7 @@ from dataloaders.dataset_specifics import get_dataset_spec
 from dataloaders.episodes import GroundTruthEpisodes, SupervoxelEpisodes, build_training_cases
 from dataloaders.resize import ResizedEpisodes
 from dataloaders.test_episodes import fold_volume_ids
+from dataloaders.transforms import augment_params
 from models.fewshot import FewShotSeg
 from models.losses import focal_loss
 from util.checkpoints import (
@@ -76,6 +77,7 @@ def build_model(model_cfg: dict[str, Any]) -> FewShotSeg:
         fixed_threshold=model_cfg["fixed_threshold"],
         alpha=model_cfg["alpha"],
         min_loaded_fraction=model_cfg.get("min_loaded_fraction", 0.9),
+        bn_with_support=model_cfg["bn_with_support"],
     )
 
 
@@ -87,7 +89,8 @@ def build_episodes(cfg: dict[str, Any]) -> torch.utils.data.Dataset:
     world_size = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
     n_episodes = cfg["n_steps"] * cfg["batch_size"] * world_size
     common = dict(n_episodes=n_episodes, n_shot=cfg["n_shot"], exclude_labels=tuple(cfg["exclude_label"]),
-                  exclude_mode=cfg["exclude_mode"], augment=cfg["augment"], seed=cfg["seed"])
+                  exclude_mode=cfg["exclude_mode"], augment=cfg["augment"], seed=cfg["seed"],
+                  sampler=cfg["sampler"], augment_params=augment_params(cfg["augment_profile"]))
     if cfg["use_gt"]:
         episodes = GroundTruthEpisodes(cases, test_labels=tuple(cfg["test_label"]), **common)
     else:
@@ -128,8 +131,10 @@ def _time_is_up(deadline: float, ctx: DistributedContext) -> bool:
     return bool(up.item())
 
 
-def _prune_snapshots(snapshot_dir: Path, keep: int) -> None:
-    snapshots = sorted(snapshot_dir.glob(f"{STEP_PREFIX}*.pth"))
+def _prune_snapshots(snapshot_dir: Path, keep: int, eval_step: int | None = None) -> None:
+    """Delete all but the ``keep`` newest step snapshots; the ``eval_step`` snapshot is always kept."""
+    protected = snapshot_dir / step_checkpoint_name(eval_step) if eval_step else None
+    snapshots = [p for p in sorted(snapshot_dir.glob(f"{STEP_PREFIX}*.pth")) if p != protected]
     for old in snapshots[: max(0, len(snapshots) - keep)]:
         old.unlink(missing_ok=True)
 
@@ -265,10 +270,11 @@ def _train(cfg: dict[str, Any], ctx: DistributedContext, sacred_run: Any,
                             logged[key] = float(torch.as_tensor(aux[key]).float().mean())
                     progress.set_postfix({k: f"{v:.3g}" for k, v in logged.items() if k != "lr"})
                     scalars.log(logged, step)
-            if step % cfg["save_snapshot_every"] == 0 and step < cfg["n_steps"]:
+            # the evaluated snapshot (eval_step) is written even off the save_snapshot_every grid
+            if (step % cfg["save_snapshot_every"] == 0 or step == cfg["eval_step"]) and step < cfg["n_steps"]:
                 snapshot(step, snapshot_dir / step_checkpoint_name(step))
                 if ctx.is_main:
-                    _prune_snapshots(snapshot_dir, cfg["keep_snapshots"])
+                    _prune_snapshots(snapshot_dir, cfg["keep_snapshots"], cfg["eval_step"])
             if step_callback is not None:
                 step_callback(step, model)
             if _time_is_up(deadline, ctx):

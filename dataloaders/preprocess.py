@@ -42,6 +42,9 @@ Steps (DESIGN.md section 2):
   spacing x 1.75 (z kept); result exactly 256 x 256 in-plane.
 - Resampling: images linear; labels one class at a time (binary mask, linear, then the class with the
   largest value >= 0.5, else background). Crop/pad: images padded with their minimum, labels with 0.
+- Resampled size per axis (``--resample-size``): ``public`` (default) ``int(n * s / t + 1)``, as the public
+  scripts, whose volumes therefore often end with an extra, all-zero slice (Synapse: 257 x 257 before the
+  crop to 256); ``round`` gives ``round(n * s / t)`` (this project's first rule).
 
 Mask alignment (CHAOS): the public notebook converts the DICOM series with ``dcm2nii`` (which stores the
 rows bottom-up) and therefore flips the stacked PNG masks along the second array axis. Here the DICOM series
@@ -69,6 +72,8 @@ __all__ = [
     "read_dicom_series",
     "read_png_masks",
     "chaos_label_array",
+    "RESAMPLE_SIZE_RULES",
+    "resampled_size",
     "clip_percentile",
     "resample_image",
     "resample_label",
@@ -87,6 +92,7 @@ PathLike = Union[str, Path]
 CHAOS_PNG_VALUES = {1: (55, 70), 2: (110, 135), 3: (175, 200), 4: (240, 255)}
 SABS_HU_RANGE = (-125.0, 275.0)
 SABS_BORDER_CROP = 32
+RESAMPLE_SIZE_RULES = ("public", "round")
 
 
 def _natural_key(name: str) -> list:
@@ -197,29 +203,50 @@ def clip_percentile(image: np.ndarray, percentile: float = 99.5) -> np.ndarray:
     return np.minimum(image, hi).astype(np.float32)
 
 
-def _resample(img, spacing_xyz: Sequence[float], interpolator, default: float, size=None):
+def resampled_size(n: int, spacing: float, target: float, rule: str = "public") -> int:
+    """Voxels along one axis after resampling ``n`` voxels of ``spacing`` mm to ``target`` mm.
+
+    Args:
+        rule: ``public``: ``int(n * spacing / target + 1)`` (the public pre-processing scripts; one voxel
+            more than the extent needs whenever the ratio is a whole number); ``round``: the nearest integer.
+
+    Returns:
+        The size, at least 1.
+    """
+    if rule not in RESAMPLE_SIZE_RULES:
+        raise ValueError(f"resample size rule must be one of {RESAMPLE_SIZE_RULES}, got {rule!r}")
+    extent = n * spacing / target
+    return max(1, int(extent + 1) if rule == "public" else int(round(extent)))
+
+
+def _resample(img, spacing_xyz: Sequence[float], interpolator, default: float, size=None, size_rule: str = "public"):
     import SimpleITK as sitk
 
     old_sp = img.GetSpacing()
     old_sz = img.GetSize()
     if size is None:
-        size = [max(1, int(round(n * s / t))) for n, s, t in zip(old_sz, old_sp, spacing_xyz)]
+        size = [resampled_size(n, s, t, size_rule) for n, s, t in zip(old_sz, old_sp, spacing_xyz)]
     return sitk.Resample(
         img, [int(v) for v in size], sitk.Transform(), interpolator, img.GetOrigin(), tuple(float(s) for s in spacing_xyz),
         img.GetDirection(), float(default), img.GetPixelID(),
     )
 
 
-def resample_image(img, spacing_xyz: Sequence[float]):
-    """Linear resampling of a ``SimpleITK.Image`` to ``spacing_xyz`` (x, y, z mm), origin and direction kept."""
+def resample_image(img, spacing_xyz: Sequence[float], size_rule: str = "public"):
+    """Linear resampling of a ``SimpleITK.Image`` to ``spacing_xyz`` (x, y, z mm), origin and direction kept.
+
+    ``size_rule``: see :func:`resampled_size`.
+    """
     import SimpleITK as sitk
 
     arr = sitk.GetArrayViewFromImage(img)
-    return _resample(img, spacing_xyz, sitk.sitkLinear, float(arr.min()))
+    return _resample(img, spacing_xyz, sitk.sitkLinear, float(arr.min()), size_rule=size_rule)
 
 
-def resample_label(label_img, spacing_xyz: Sequence[float]):
+def resample_label(label_img, spacing_xyz: Sequence[float], size_rule: str = "public"):
     """Resample a label image one class at a time (linear on the binary mask, then arg-max with 0.5 floor).
+
+    ``size_rule``: see :func:`resampled_size`.
 
     Returns:
         ``SimpleITK.Image`` of the label's pixel type on the new grid.
@@ -228,13 +255,14 @@ def resample_label(label_img, spacing_xyz: Sequence[float]):
 
     lab = sitk.GetArrayFromImage(label_img)
     classes = [int(c) for c in np.unique(lab) if c != 0]
-    ref = _resample(sitk.Cast(label_img, sitk.sitkFloat32), spacing_xyz, sitk.sitkNearestNeighbor, 0.0)
+    ref = _resample(sitk.Cast(label_img, sitk.sitkFloat32), spacing_xyz, sitk.sitkNearestNeighbor, 0.0,
+                    size_rule=size_rule)
     out = np.zeros(sitk.GetArrayViewFromImage(ref).shape, dtype=lab.dtype)
     best = np.full(out.shape, 0.5, dtype=np.float32)
     for c in classes:
         m = sitk.GetImageFromArray((lab == c).astype(np.float32))
         m.CopyInformation(label_img)
-        r = sitk.GetArrayFromImage(_resample(m, spacing_xyz, sitk.sitkLinear, 0.0))
+        r = sitk.GetArrayFromImage(_resample(m, spacing_xyz, sitk.sitkLinear, 0.0, size_rule=size_rule))
         take = r >= best
         out[take] = c
         best[take] = r[take]
@@ -271,7 +299,7 @@ def crop_or_pad(img, size_hw: Sequence[int], pad_value: Optional[float] = None):
     return res
 
 
-def _finish(img, lab, spacing_zyx, size_hw, clip: bool):
+def _finish(img, lab, spacing_zyx, size_hw, clip: bool, size_rule: str = "public"):
     """Clip (99.5th percentile), resample, crop/pad; returns (image, label) SimpleITK images."""
     import SimpleITK as sitk
 
@@ -281,8 +309,8 @@ def _finish(img, lab, spacing_zyx, size_hw, clip: bool):
         c.CopyInformation(img)
         img = c
     sp_xyz = tuple(reversed(spacing_zyx))
-    img = resample_image(img, sp_xyz)
-    lab = resample_label(lab, sp_xyz)
+    img = resample_image(img, sp_xyz, size_rule)
+    lab = resample_label(lab, sp_xyz, size_rule)
     img = crop_or_pad(img, size_hw)
     lab = crop_or_pad(lab, size_hw, 0)
     return img, lab
@@ -293,13 +321,15 @@ def _check_finite(arr: np.ndarray, path: Path) -> None:
         raise ValueError(f"{path}: image contains NaN or infinite values")
 
 
-def preprocess_chaos_case(case_dir: PathLike, spec: Optional[DatasetSpec] = None, reorient: Optional[str] = "LAS"):
+def preprocess_chaos_case(case_dir: PathLike, spec: Optional[DatasetSpec] = None, reorient: Optional[str] = "LAS",
+                          size_rule: str = "public"):
     """One CHAOS T2-SPIR case: ``case_dir/T2SPIR/DICOM_anon/*.dcm`` + ``case_dir/T2SPIR/Ground/*.png``.
 
     Args:
         case_dir: The patient folder ``.../MR/<id>``.
         spec: Data set facts (default CHAOST2).
         reorient: Orientation code for ``sitk.DICOMOrient`` applied to image and label (None: keep).
+        size_rule: Resampled size per axis, ``public`` or ``round`` (:func:`resampled_size`).
 
     Returns:
         (image ``SimpleITK.Image`` float32, label ``SimpleITK.Image`` uint8).
@@ -326,7 +356,7 @@ def preprocess_chaos_case(case_dir: PathLike, spec: Optional[DatasetSpec] = None
     if reorient:
         img = sitk.DICOMOrient(img, reorient)
         lab = sitk.DICOMOrient(lab, reorient)
-    return _finish(img, lab, spec.spacing, spec.crop_size, clip=True)
+    return _finish(img, lab, spec.spacing, spec.crop_size, clip=True, size_rule=size_rule)
 
 
 def _read_nifti_checked(path: Path):
@@ -345,7 +375,8 @@ def _check_same_grid(img, lab, lab_path: Path) -> None:
         raise ValueError(f"{lab_path}: label size {lab.GetSize()} does not match image size {img.GetSize()}")
 
 
-def preprocess_cmr_case(image_file: PathLike, label_file: PathLike, spec: Optional[DatasetSpec] = None):
+def preprocess_cmr_case(image_file: PathLike, label_file: PathLike, spec: Optional[DatasetSpec] = None,
+                        size_rule: str = "public"):
     """One MS-CMRSeg bSSFP case (NIfTI); label values kept raw (0/200/500/600, uint16).
 
     Returns:
@@ -366,10 +397,11 @@ def preprocess_cmr_case(image_file: PathLike, label_file: PathLike, spec: Option
                          + ", ".join(str(v) for v in sorted(spec.raw_label_map)))
     lab2 = sitk.GetImageFromArray(arr.astype(np.uint16))
     lab2.CopyInformation(img)
-    return _finish(img, lab2, spec.spacing, spec.crop_size, clip=True)
+    return _finish(img, lab2, spec.spacing, spec.crop_size, clip=True, size_rule=size_rule)
 
 
-def preprocess_sabs_case(image_file: PathLike, label_file: PathLike, spec: Optional[DatasetSpec] = None):
+def preprocess_sabs_case(image_file: PathLike, label_file: PathLike, spec: Optional[DatasetSpec] = None,
+                         size_rule: str = "public"):
     """One Synapse CT case: HU clip [-125, 275] -> [0, 255], 32-px border crop, in-plane spacing x 1.75.
 
     Returns:
@@ -403,8 +435,8 @@ def preprocess_sabs_case(image_file: PathLike, label_file: PathLike, spec: Optio
     sx, sy, sz = img.GetSpacing()
     k = float(spec.inplane_scale)
     sp_xyz = (sx * k, sy * k, sz)
-    new_img = resample_image(new_img, sp_xyz)
-    new_lab = resample_label(new_lab, sp_xyz)
+    new_img = resample_image(new_img, sp_xyz, size_rule)
+    new_lab = resample_label(new_lab, sp_xyz, size_rule)
     new_img = crop_or_pad(new_img, spec.crop_size)
     new_lab = crop_or_pad(new_lab, spec.crop_size, 0)
     return new_img, new_lab
@@ -463,7 +495,7 @@ def find_cases(dataset: str, raw_dir: PathLike) -> list:
 
 
 def preprocess_dataset(dataset: str, raw_dir: PathLike, out_dir: PathLike, ids: Optional[Sequence[int]] = None,
-                       verbose: bool = True) -> list:
+                       verbose: bool = True, size_rule: str = "public") -> list:
     """Pre-process every (or the selected) case of a raw data set into ``out_dir``.
 
     Args:
@@ -472,6 +504,7 @@ def preprocess_dataset(dataset: str, raw_dir: PathLike, out_dir: PathLike, ids: 
         out_dir: Output folder (created).
         ids: Output ids to process (default all).
         verbose: Print one line per case.
+        size_rule: Resampled size per axis, ``public`` or ``round`` (:func:`resampled_size`).
 
     Returns:
         Paths of the written image files.
@@ -491,11 +524,11 @@ def preprocess_dataset(dataset: str, raw_dir: PathLike, out_dir: PathLike, ids: 
     written = []
     for cid, paths in cases:
         if spec.name == "CHAOST2":
-            img, lab = preprocess_chaos_case(paths[0], spec)
+            img, lab = preprocess_chaos_case(paths[0], spec, size_rule=size_rule)
         elif spec.name == "CMR":
-            img, lab = preprocess_cmr_case(paths[0], paths[1], spec)
+            img, lab = preprocess_cmr_case(paths[0], paths[1], spec, size_rule=size_rule)
         else:
-            img, lab = preprocess_sabs_case(paths[0], paths[1], spec)
+            img, lab = preprocess_sabs_case(paths[0], paths[1], spec, size_rule=size_rule)
         ipath = write_nifti_like(sitk.GetArrayFromImage(img).astype(np.float32), img, out / f"image_{cid}.nii.gz")
         write_nifti_like(sitk.GetArrayFromImage(lab), lab, out / f"label_{cid}.nii.gz")
         written.append(ipath)
@@ -513,9 +546,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--raw-dir", required=True, help="raw data folder (layout: see the module docstring)")
     p.add_argument("--out-dir", required=True, help="output folder")
     p.add_argument("--ids", type=int, nargs="*", default=None, help="only these output ids")
+    p.add_argument("--resample-size", choices=RESAMPLE_SIZE_RULES, default="public",
+                   help="resampled size per axis: public int(n*s/t + 1) (default) or round(n*s/t)")
     args = p.parse_args(argv)
     try:
-        preprocess_dataset(args.dataset, args.raw_dir, args.out_dir, args.ids)
+        preprocess_dataset(args.dataset, args.raw_dir, args.out_dir, args.ids, size_rule=args.resample_size)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

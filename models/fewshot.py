@@ -11,6 +11,9 @@ foreground pixels of all shots together.
 
 Batch normalisation: in ``train()`` mode the BatchNorm statistics are those of the whole encoder batch,
 so a batched forward equals per-episode forwards only in ``eval()`` mode (or with frozen BatchNorm).
+layer4 feeds only the tau head; with ``bn_with_support`` (the default, as the public code) it runs on
+supports and queries together in training, so its batch statistics include the support; otherwise it runs
+on the queries only. In ``eval()`` mode the two agree and the supports' layer4 is skipped.
 """
 from __future__ import annotations
 
@@ -68,12 +71,14 @@ class FewShotSeg(nn.Module):
         out_dim: feature channels after the 1x1 reduction.
         min_loaded_fraction: share of the backbone's tensors ``weights_path`` must provide (see
             :func:`models.encoder.load_backbone_weights`).
+        bn_with_support: in training, run layer4 (the tau head's input) on supports and queries in one
+            batch (the public code) instead of the queries only.
     """
 
     def __init__(self, backbone: str = "resnet101", weights_path: Optional[Union[str, Path]] = None,
                  dmap_mode: str = "learned", temperature: float = 0.05, fixed_threshold: float = 0.9,
                  alpha: float = 10.0, ltg_dim: int = 64, xi_init: float = 0.5, out_dim: int = 512,
-                 min_loaded_fraction: float = 0.9) -> None:
+                 min_loaded_fraction: float = 0.9, bn_with_support: bool = True) -> None:
         super().__init__()
         if dmap_mode not in DMAP_MODES:
             raise ValueError(f"dmap_mode must be one of {DMAP_MODES}, got {dmap_mode!r}")
@@ -88,6 +93,7 @@ class FewShotSeg(nn.Module):
         self.temperature = float(temperature)
         self.fixed_threshold = float(fixed_threshold)
         self.alpha = float(alpha)
+        self.bn_with_support = bool(bn_with_support)
 
     @property
     def dmap_mode(self) -> str:
@@ -147,11 +153,12 @@ class FewShotSeg(nn.Module):
             raise ValueError(f"query_images {tuple(query_images.shape)} do not match support_images "
                              f"{tuple(support_images.shape)}")
         images = torch.cat([s_img.reshape(b * s, *s_img.shape[2:]), q_img.reshape(b * q, *q_img.shape[2:])])
-        enc = self.encoder(images, tau_start=b * s)
+        tau_start = 0 if (self.bn_with_support and self.training) else b * s
+        enc = self.encoder(images, tau_start=tau_start)
         feats, hidden = enc["features"], enc["hidden"]
         encoding = self._support_from_features(feats[: b * s], [x[: b * s] for x in hidden], masks, b, batched)
         return self._segment_from_features(encoding, feats[b * s:], [x[b * s:] for x in hidden],
-                                           enc["tau"], b, q)
+                                           enc["tau"][b * s - tau_start:], b, q)
 
     def encode_support(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> SupportEncoding:
         """Encodes the support once (e.g. for all query slices of an evaluation chunk).

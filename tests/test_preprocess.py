@@ -61,17 +61,22 @@ def _chaos_case(root: Path, case_id: int, reverse_names: bool):
     return vol
 
 
-@pytest.mark.parametrize("reverse_names", [False, True])
-def test_chaos_dicom_and_png(tmp_path, reverse_names):
+@pytest.mark.parametrize("reverse_names,rule", [(False, "round"), (True, "round"), (False, "public")])
+def test_chaos_dicom_and_png(tmp_path, reverse_names, rule):
     raw = tmp_path / "raw"
     vol = _chaos_case(raw, 3, reverse_names)
     out = tmp_path / "out"
-    assert preprocess.main(["--dataset", "CHAOST2", "--raw-dir", str(raw), "--out-dir", str(out)]) == 0
+    args = ["--dataset", "CHAOST2", "--raw-dir", str(raw), "--out-dir", str(out)]
+    assert preprocess.main(args + ([] if rule == "public" else ["--resample-size", rule])) == 0
     img, ref = read_nifti(out / "image_3.nii.gz")
     lab, lref = read_nifti(out / "label_3.nii.gz")
-    # Geometry: 1.25 x 1.25 x 7.7 mm, 256 x 256, 4 slices at 15.4 mm -> 8 slices at 7.7 mm.
+    # Geometry: 1.25 x 1.25 x 7.7 mm, 256 x 256, 4 slices at 15.4 mm -> 8 slices at 7.7 mm; the public
+    # rule int(4 * 15.4 / 7.7 + 1) = 9 adds a slice past the data, with no label in it
     assert np.allclose(ref.GetSpacing(), (1.25, 1.25, 7.7))
-    assert img.shape == lab.shape == (8, 256, 256)
+    n_z = 9 if rule == "public" else 8
+    assert img.shape == lab.shape == (n_z, 256, 256)
+    if rule == "public":
+        assert not lab[-1].any() and lab[-2].any()
     assert np.allclose(ref.GetDirection(), (1, 0, 0, 0, -1, 0, 0, 0, 1))  # public-release layout
     assert np.allclose(lref.GetOrigin(), ref.GetOrigin())
     assert set(np.unique(lab).tolist()) == {0, 1, 2, 3, 4}
@@ -172,7 +177,8 @@ def test_sabs_nifti(tmp_path):
     assert not (out / "image_0.nii.gz").exists() and (out / "image_1.nii.gz").exists()
     im, ref = read_nifti(out / "image_1.nii.gz")
     lb, _ = read_nifti(out / "label_1.nii.gz")
-    assert im.shape == lb.shape == (3, 256, 256)
+    # z spacing kept: the public size rule gives int(3 + 1) = 4 slices (and 257 x 257 before the crop)
+    assert im.shape == lb.shape == (4, 256, 256)
     assert np.allclose(ref.GetSpacing(), (0.7 * 1.75, 0.7 * 1.75, 3.0))
     assert im.min() >= 0 and im.max() <= 255
     assert set(np.unique(lb).tolist()) == {0, 1, 6}
@@ -180,3 +186,20 @@ def test_sabs_nifti(tmp_path):
 
 def test_missing_raw_dir(tmp_path):
     assert preprocess.main(["--dataset", "SABS", "--raw-dir", str(tmp_path / "nope"), "--out-dir", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("n,spacing,target,public,rounded", [
+    (10, 7.7, 7.7, 11, 10),      # same spacing: the public rule adds a voxel
+    (30, 6.0, 7.7, 24, 23),      # 23.38 -> int(24.38) = 24, round 23
+    (20, 9.0, 7.99, 23, 23),     # 22.53 -> int(23.53) = 23, round 23
+    (448, 0.7, 0.7 * 1.75, 257, 256),  # Synapse in-plane after the 32-px crop: 256.0
+    (1, 1.0, 100.0, 1, 1),       # never below one voxel
+])
+def test_resampled_size_by_hand(n, spacing, target, public, rounded):
+    assert preprocess.resampled_size(n, spacing, target, "public") == public
+    assert preprocess.resampled_size(n, spacing, target, "round") == rounded
+
+
+def test_resampled_size_rejects_unknown_rule():
+    with pytest.raises(ValueError, match="resample size rule must be one of"):
+        preprocess.resampled_size(10, 1.0, 1.0, "ceil")
