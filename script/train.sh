@@ -5,7 +5,7 @@
 #   NPROC=4 GPU=0,1,2,3 bash script/train.sh          # one process per GPU with torchrun
 #
 # Environment (defaults): DATASET (CHAOST2), SETTING (1), DATA_ROOT (data), FOLDS ("0 1 2 3 4"),
-# N_STEPS (35000), MODE (learned: learned|fixed|off), LOG_DIR (runs), GPU (unset: all visible),
+# N_STEPS (33000), MODE (learned: learned|fixed|off), LOG_DIR (runs), GPU (unset: all visible),
 # NPROC (1), PYTHON (python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ DATASET=${DATASET:-CHAOST2}
 SETTING=${SETTING:-1}
 DATA_ROOT=${DATA_ROOT:-data}
 FOLDS=${FOLDS:-"0 1 2 3 4"}
-N_STEPS=${N_STEPS:-35000}
+N_STEPS=${N_STEPS:-33000}
 MODE=${MODE:-learned}
 LOG_DIR=${LOG_DIR:-runs}
 NPROC=${NPROC:-1}
