@@ -39,6 +39,7 @@ class DatasetSpec:
             mean 6.5 mm of the U(5, 8) mm slice thickness); ``None`` where it varies per volume (SABS:
             in-plane spacing scaled by ``inplane_scale``, z kept).
         inplane_scale: SABS only: in-plane spacing multiplier of the pre-processing.
+        border_crop: Pixels removed from every in-plane edge before resampling (SABS: 32).
         crop_size: In-plane size (H, W) of the pre-processed volumes.
         orientation: Orientation code (``SimpleITK.DICOMOrient``) of the stored volumes: "LAS" (direction
             diag(1, -1, 1): rows run towards anterior, columns towards the patient's left) for CHAOST2 and
@@ -58,6 +59,7 @@ class DatasetSpec:
     n_volumes: Optional[int] = None
     spacing: Optional[tuple] = None
     inplane_scale: Optional[float] = None
+    border_crop: int = 0
     crop_size: tuple = (256, 256)
     orientation: Optional[str] = None
     normalisation: str = "zscore"
@@ -207,6 +209,7 @@ DATASETS: Mapping[str, DatasetSpec] = {
         n_volumes=30,
         spacing=None,
         inplane_scale=1.75,
+        border_crop=32,
         case_ids=tuple(range(30)),
     ),
     "CMR": DatasetSpec(

@@ -88,7 +88,6 @@ PathLike = Union[str, Path]
 #: CHAOS MR ground-truth PNG grey values -> label id, as inclusive ranges (challenge documentation).
 CHAOS_PNG_VALUES = {1: (55, 70), 2: (110, 135), 3: (175, 200), 4: (240, 255)}
 SABS_HU_RANGE = (-125.0, 275.0)
-SABS_BORDER_CROP = 32
 
 
 def _natural_key(name: str) -> list:
@@ -420,8 +419,8 @@ def preprocess_sabs_case(image_file: PathLike, label_file: PathLike, spec: Optio
     for im in (windowed, new_lab):
         im.CopyInformation(img)
     try:
-        new_img = crop_border(windowed, SABS_BORDER_CROP)
-        new_lab = crop_border(new_lab, SABS_BORDER_CROP)
+        new_img = crop_border(windowed, spec.border_crop)
+        new_lab = crop_border(new_lab, spec.border_crop)
     except ValueError as exc:
         raise ValueError(f"{image_file}: {exc}") from None
     sx, sy, sz = img.GetSpacing()
