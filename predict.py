@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(a DICOM series) of this folder")
     p.add_argument("--out-dir", required=True, type=Path, help="output folder (created)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--amp", default="auto", help="auto (bf16 where the device computes it natively), off or bf16")
+    p.add_argument("--amp", default="auto", help="auto (bf16 where the device computes it natively, else fp32), "
+                                                 "off (fp32) or bf16")
     p.add_argument("--modality", help="mr or ct: the scans' intensity rule (default: the checkpoint's data set's)")
     p.add_argument("--query-range", type=int, nargs=2, action="append", metavar=("Z0", "Z1"),
                    help="the organ's first and last slice in the query (0-based indices of its third axis); "
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     del values, wanted, support_label
 
     print(f"checkpoint {args.checkpoint}: {spec.name}, {predictor.device}, "
-          f"{'bf16' if predictor.amp_dtype is not None else 'fp32'}, modality {modality}", file=sys.stderr)
+          f"{'fp32' if predictor.amp == 'off' else predictor.amp}, modality {modality}", file=sys.stderr)
     for path in queries:
         name = query_name(path)
         image = read_scan(path)

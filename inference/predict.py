@@ -14,7 +14,6 @@ takes the label of highest probability among those above 0.5.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,12 +22,13 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dataloaders.dataset_specifics import DatasetSpec, get_dataset_spec
+from dataloaders.resize import resize_images, resize_masks, resize_probabilities
 from dataloaders.test_episodes import chunk_plan, labelled_slices, support_slice_indices
 from inference.model_space import ModelSpaceScan, model_slice_range, original_slice_range, to_original_grid
 from models.fewshot import FewShotSeg
+from util.amp import AmpUnsupported, autocast, resolve_amp
 from util.checkpoints import load_checkpoint, load_model_weights
 from util.distributed import select_device
 
@@ -37,14 +37,13 @@ __all__ = [
     "EXTENT_MIN_FRACTION",
     "Predictor",
     "LabelResult",
-    "resolve_amp",
     "load_predictor",
     "segment_label",
     "fuse_labels",
     "predict_query",
 ]
 
-AMP_MODES = ("auto", "off", "bf16")
+AMP_MODES = ("auto", "off", "bf16")  # the precisions offered by ``predict.py --amp`` (util.amp resolves them)
 EXTENT_MIN_FRACTION = 0.1
 
 
@@ -56,7 +55,7 @@ class Predictor:
         model: Anything with FewShotSeg's ``encode_support`` / ``segment`` (eval mode).
         spec: The training data set (pre-processing, modality).
         device: Where the model runs.
-        amp_dtype: Autocast dtype, or None for full precision.
+        amp: Resolved precision (``util.amp.resolve_amp``): ``"off"`` or ``"bf16"``.
         image_size: Square size the model runs at (the config's ``image_size``), or None for the data size.
         n_parts: Support slices / query chunks (the config's ``n_part``).
         batch: Query slices per forward.
@@ -65,7 +64,7 @@ class Predictor:
     model: Any
     spec: DatasetSpec
     device: torch.device
-    amp_dtype: Optional[torch.dtype] = None
+    amp: str = "off"
     image_size: Optional[int] = None
     n_parts: int = 3
     batch: int = 1
@@ -88,22 +87,6 @@ class LabelResult:
     extent: Optional[tuple]
     source: str
     support_slices: list = field(default_factory=list)
-
-
-def resolve_amp(mode: str, device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype for ``--amp``: ``off`` -> None, ``bf16`` -> bfloat16, ``auto`` -> bfloat16 where the
-    device computes it natively (CUDA with bf16 support; CPUs with AVX-512 BF16 / AMX), else None."""
-    if mode not in AMP_MODES:
-        raise ValueError(f"--amp: unknown mode {mode!r}; expected one of {', '.join(AMP_MODES)}")
-    if mode == "off":
-        return None
-    if mode == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-    return None
 
 
 def load_predictor(checkpoint: str | Path, device: str = "auto", amp: str = "auto",
@@ -132,9 +115,15 @@ def load_predictor(checkpoint: str | Path, device: str = "auto", amp: str = "aut
         dev = select_device(device)
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"--device {device!r}: {exc}") from None
+    if amp not in AMP_MODES:
+        raise ValueError(f"--amp: unknown mode {amp!r}; expected one of {', '.join(AMP_MODES)}")
+    try:
+        precision = resolve_amp(amp, dev)
+    except AmpUnsupported as exc:
+        raise ValueError(str(exc).replace("config key 'amp'", "--amp")) from None
     model.to(dev).eval()
     image_size = cfg.get("image_size") or None
-    return Predictor(model=model, spec=spec, device=dev, amp_dtype=resolve_amp(amp, dev),
+    return Predictor(model=model, spec=spec, device=dev, amp=precision,
                      image_size=int(image_size) if image_size else None, n_parts=int(cfg.get("n_part", 3)),
                      batch=int(batch or (16 if dev.type == "cuda" else 1)))
 
@@ -149,27 +138,22 @@ def _segment_slices(predictor: Predictor, support_image: np.ndarray, support_mas
                     query_images: np.ndarray, progress: Optional[Any] = None) -> np.ndarray:
     """Foreground probability [N, H, W] of query slices [N, H, W] against one support slice [H, W]."""
     dev, size = predictor.device, predictor.image_size
-    h, w = support_image.shape
-
-    def to_model(x: np.ndarray, mode: str = "bilinear") -> torch.Tensor:
-        t = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=dev)[:, None]
-        if size and (h, w) != (size, size):
-            t = F.interpolate(t, size=(size, size), mode=mode, align_corners=False)
-        return t[:, 0]
-
-    autocast = (torch.autocast(dev.type, dtype=predictor.amp_dtype) if predictor.amp_dtype is not None
-                else contextlib.nullcontext())
-    out = np.zeros((len(query_images), h, w), np.float32)
-    with autocast:
-        encoding = predictor.model.encode_support(_three(to_model(support_image[None])),
-                                                  (to_model(support_mask[None]) > 0.5).float())
+    grid = tuple(support_image.shape)
+    image = torch.as_tensor(np.ascontiguousarray(support_image[None]), dtype=torch.float32)
+    mask = torch.as_tensor(np.ascontiguousarray(support_mask[None]), dtype=torch.float32)
+    if size:
+        image, mask = resize_images(image, size), resize_masks(mask, size)
+    out = np.zeros((len(query_images), *grid), np.float32)
+    with autocast(dev, predictor.amp):
+        encoding = predictor.model.encode_support(_three(image).to(dev), mask.to(dev))
         for start in range(0, len(query_images), predictor.batch):
-            batch = _three(to_model(query_images[start:start + predictor.batch]))
-            prob, _ = predictor.model.segment(encoding, batch)
-            p = prob[:, 1:2].float()
-            if p.shape[-2:] != (h, w):
-                p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
-            out[start:start + len(batch)] = p[:, 0].cpu().numpy()
+            batch = torch.as_tensor(np.ascontiguousarray(query_images[start:start + predictor.batch]),
+                                    dtype=torch.float32)
+            if size:
+                batch = resize_images(batch, size)
+            prob, _ = predictor.model.segment(encoding, _three(batch).to(dev))
+            prob = prob[:, 1].float().cpu()
+            out[start:start + len(batch)] = (resize_probabilities(prob, grid) if size else prob).numpy()
             if progress is not None:
                 progress.update(len(batch))
     return out

@@ -14,7 +14,7 @@ import predict as cli
 from dataloaders.dataset_specifics import get_dataset_spec
 from dataloaders.preprocess import resample_image, resample_label
 from inference.model_space import model_slice_range, read_scan, to_model_space, to_original_grid
-from inference.predict import Predictor, fuse_labels, predict_query, resolve_amp, segment_label
+from inference.predict import Predictor, fuse_labels, predict_query, segment_label
 from util.metrics import segmentation_scores
 
 SYNTH = get_dataset_spec("SYNTH")  # model space: LAS, 2.5 x 2.5 x 6.5 mm, 128 x 128
@@ -167,14 +167,6 @@ def test_fuse_labels_takes_the_most_probable_label_above_half():
     assert fuse_labels([a], [5]).dtype == np.uint8 and fuse_labels([a, b], [3, 300]).dtype == np.uint16
 
 
-def test_resolve_amp():
-    cpu = torch.device("cpu")
-    assert resolve_amp("off", cpu) is None and resolve_amp("bf16", cpu) is torch.bfloat16
-    assert resolve_amp("auto", cpu) in (None, torch.bfloat16)
-    with pytest.raises(ValueError, match="--amp: unknown mode 'fp8'"):
-        resolve_amp("fp8", cpu)
-
-
 # ----------------------------------------------------------------------------------------- CLI
 
 
@@ -221,6 +213,7 @@ def test_cli_writes_the_segmentation_on_the_query_grid(files, tmp_path, monkeypa
     (lambda f, d: ["--labels", "1", "--query", str(d["flat"])], "flat.nii.gz: expected a 3-D scalar volume"),
     (lambda f, d: ["--labels", "1", "--query", str(d["missing"])], "missing.nii.gz: file not found"),
     (lambda f, d: ["--labels", "1", "1"], "--labels: expected distinct values"),
+    (lambda f, d: ["--labels", "1", "--amp", "fp8"], "--amp: unknown mode 'fp8'; expected one of auto, off, bf16"),
     (lambda f, d: ["--labels", "1", "--query-range", "0", "999"], "query.nii.gz: slice range 0 999 is not within"),
 ])
 def test_cli_bad_input_one_line_nothing_written(files, tmp_path, monkeypatch, capsys, change, message):
