@@ -30,8 +30,8 @@ setup(
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["models", "dataloaders", "supervoxels", "util"],
-    py_modules=["config", "training"],
+    packages=["models", "dataloaders", "supervoxels", "util", "inference"],
+    py_modules=["config", "training", "predict"],
     ext_modules=cythonize(extensions, language_level=3),
     install_requires=read_requirements(),
     extras_require={

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from config import ConfigError, configure_logging, make_experiment, one_line_errors, resolve_config
 from dataloaders.dataset_specifics import DATASETS, DatasetSpec, get_dataset_spec
 from dataloaders.test_episodes import build_test_chunks, fold_volume_ids, labelled_slices, split_fold
-from dataloaders.volume_io import Case, list_case_ids, load_case, read_nifti, write_nifti_like
+from dataloaders.volume_io import Case, list_case_ids, load_case, read_direction, read_nifti, write_nifti_like
 from models.fewshot import FewShotSeg
 from dataloaders.resize import resize_images, resize_masks, resize_probabilities
 from training import build_model
@@ -161,11 +161,12 @@ def evaluate_support(model: FewShotSeg, cases: list[Case], supp_idx: int, spec: 
                 better = (result["prob"][i] > 0.5) & (result["prob"][i] > best_prob[z])
                 labels_vol[z][better], best_prob[z][better] = label, result["prob"][i][better]
             if out_dir is not None and cfg["n_overlays"] > 0:
+                direction = read_direction(query.image_path)  # pictures in the radiological convention
                 picks = np.unique(np.linspace(0, len(result["slices"]) - 1, cfg["n_overlays"]).round().astype(int))
                 for i in picks:
                     z = int(result["slices"][i])
                     save_overlay(out_dir / "overlays" / f"{name}_query{query.case_id}_z{z:03d}.png",
-                                 query.image[z], result["target"][i], pred[i])
+                                 query.image[z], result["target"][i], pred[i], direction=direction)
         classes[name] = {
             "label": label,
             "model": _mean_scores([q["model"] for q in per_query.values()]),

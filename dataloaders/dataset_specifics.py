@@ -34,10 +34,16 @@ class DatasetSpec:
             ``fold_step + 1`` volumes, the last fold the remaining ones plus position 0. ``None`` derives it
             from the number of volumes (``n_volumes // n_folds``), used by SYNTH.
         n_volumes: Number of volumes in the public release (``None``: any).
-        spacing: Target spacing (z, y, x) in mm of the pre-processing, ``None`` where the protocol does not
-            resample to a fixed spacing (SABS: in-plane spacing scaled by ``inplane_scale``, z kept).
+        spacing: Spacing (z, y, x) in mm of the volumes the model is trained on: the pre-processing's target
+            (CHAOST2, CMR), the phantoms' typical spacing (SYNTH: 320 mm field of view / 128 px in-plane, the
+            mean 6.5 mm of the U(5, 8) mm slice thickness); ``None`` where it varies per volume (SABS:
+            in-plane spacing scaled by ``inplane_scale``, z kept).
         inplane_scale: SABS only: in-plane spacing multiplier of the pre-processing.
+        border_crop: Pixels removed from every in-plane edge before resampling (SABS: 32).
         crop_size: In-plane size (H, W) of the pre-processed volumes.
+        orientation: Orientation code (``SimpleITK.DICOMOrient``) of the stored volumes: "LAS" (direction
+            diag(1, -1, 1): rows run towards anterior, columns towards the patient's left) for CHAOST2 and
+            SYNTH; ``None`` where the pre-processing keeps the scanner's orientation (CMR, SABS).
         normalisation: Load-time intensity normalisation, "zscore" (per volume).
         case_ids: Volume ids of the public release (informative; loading lists the folder).
     """
@@ -53,7 +59,9 @@ class DatasetSpec:
     n_volumes: Optional[int] = None
     spacing: Optional[tuple] = None
     inplane_scale: Optional[float] = None
+    border_crop: int = 0
     crop_size: tuple = (256, 256)
+    orientation: Optional[str] = None
     normalisation: str = "zscore"
     case_ids: tuple = field(default=())
 
@@ -187,6 +195,7 @@ DATASETS: Mapping[str, DatasetSpec] = {
         fold_step=4,
         n_volumes=20,
         spacing=(7.7, 1.25, 1.25),
+        orientation="LAS",
         case_ids=(1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39),
     ),
     "SABS": DatasetSpec(
@@ -200,6 +209,7 @@ DATASETS: Mapping[str, DatasetSpec] = {
         n_volumes=30,
         spacing=None,
         inplane_scale=1.75,
+        border_crop=32,
         case_ids=tuple(range(30)),
     ),
     "CMR": DatasetSpec(
@@ -223,8 +233,9 @@ DATASETS: Mapping[str, DatasetSpec] = {
         n_sv=1000,
         fold_step=None,
         n_volumes=None,
-        spacing=None,
+        spacing=(6.5, 2.5, 2.5),
         crop_size=(128, 128),
+        orientation="LAS",
     ),
 }
 

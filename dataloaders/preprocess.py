@@ -75,6 +75,8 @@ __all__ = [
     "RESAMPLE_SIZE_RULES",
     "resampled_size",
     "clip_percentile",
+    "window_ct",
+    "crop_border",
     "resample_image",
     "resample_label",
     "crop_or_pad",
@@ -91,7 +93,6 @@ PathLike = Union[str, Path]
 #: CHAOS MR ground-truth PNG grey values -> label id, as inclusive ranges (challenge documentation).
 CHAOS_PNG_VALUES = {1: (55, 70), 2: (110, 135), 3: (175, 200), 4: (240, 255)}
 SABS_HU_RANGE = (-125.0, 275.0)
-SABS_BORDER_CROP = 32
 RESAMPLE_SIZE_RULES = ("public", "round")
 
 
@@ -201,6 +202,31 @@ def clip_percentile(image: np.ndarray, percentile: float = 99.5) -> np.ndarray:
     """Clip intensities above the volume's ``percentile`` (float32)."""
     hi = np.percentile(image, percentile)
     return np.minimum(image, hi).astype(np.float32)
+
+
+def window_ct(image: np.ndarray) -> np.ndarray:
+    """Clip CT intensities to the HU window [-125, 275] and rescale it to [0, 255] (float32)."""
+    lo, hi = SABS_HU_RANGE
+    return (np.clip(np.asarray(image, dtype=np.float32), lo, hi) - lo) * np.float32(255.0 / (hi - lo))
+
+
+def crop_border(img, border: int):
+    """Remove ``border`` pixels from every in-plane edge of a ``SimpleITK.Image`` (geometry kept).
+
+    Raises:
+        ValueError: The image is too small for the crop.
+    """
+    import SimpleITK as sitk
+
+    w, h = img.GetSize()[:2]
+    if h <= 2 * border or w <= 2 * border:
+        raise ValueError(f"in-plane size {h}x{w} too small for the {border}-px border crop")
+    arr = sitk.GetArrayViewFromImage(img)[:, border : h - border, border : w - border]
+    out = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+    out.SetSpacing(img.GetSpacing())
+    out.SetDirection(img.GetDirection())
+    out.SetOrigin(img.TransformIndexToPhysicalPoint((border, border, 0)))
+    return out
 
 
 def resampled_size(n: int, spacing: float, target: float, rule: str = "public") -> int:
@@ -416,22 +442,19 @@ def preprocess_sabs_case(image_file: PathLike, label_file: PathLike, spec: Optio
     _check_same_grid(img, lab, label_file)
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
     _check_finite(arr, image_file)
-    lo, hi = SABS_HU_RANGE
-    arr = (np.clip(arr, lo, hi) - lo) * np.float32(255.0 / (hi - lo))
     larr = np.rint(sitk.GetArrayFromImage(lab)).astype(np.int64)
     bad = sorted(set(np.unique(larr).tolist()) - set(spec.raw_label_map) - {0})
     if bad:
         raise ValueError(f"{label_file}: unknown label value(s) {bad[:5]}; valid: 0-{max(spec.raw_label_map)}")
-    c = SABS_BORDER_CROP
-    z, h, w = arr.shape
-    if h <= 2 * c or w <= 2 * c:
-        raise ValueError(f"{image_file}: in-plane size {h}x{w} too small for the {c}-px border crop")
-    new_img = sitk.GetImageFromArray(np.ascontiguousarray(arr[:, c : h - c, c : w - c]))
-    new_lab = sitk.GetImageFromArray(np.ascontiguousarray(larr[:, c : h - c, c : w - c].astype(np.uint8)))
-    for im in (new_img, new_lab):
-        im.SetSpacing(img.GetSpacing())
-        im.SetDirection(img.GetDirection())
-        im.SetOrigin(img.TransformIndexToPhysicalPoint((c, c, 0)))
+    windowed = sitk.GetImageFromArray(window_ct(arr))
+    new_lab = sitk.GetImageFromArray(larr.astype(np.uint8))
+    for im in (windowed, new_lab):
+        im.CopyInformation(img)
+    try:
+        new_img = crop_border(windowed, spec.border_crop)
+        new_lab = crop_border(new_lab, spec.border_crop)
+    except ValueError as exc:
+        raise ValueError(f"{image_file}: {exc}") from None
     sx, sy, sz = img.GetSpacing()
     k = float(spec.inplane_scale)
     sp_xyz = (sx * k, sy * k, sz)

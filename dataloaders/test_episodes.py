@@ -27,6 +27,7 @@ __all__ = [
     "labelled_slices",
     "support_slice_indices",
     "query_chunk_bounds",
+    "chunk_plan",
     "build_test_chunks",
 ]
 
@@ -152,6 +153,26 @@ def query_chunk_bounds(n_kept: int, n_parts: int = 3) -> np.ndarray:
     return np.linspace(0, n_kept, n_parts + 1).astype(np.int64)
 
 
+def chunk_plan(support_slices: Sequence[int], query_slices: Sequence[int], n_parts: int = 3) -> list:
+    """EP1 slice correspondence: which support slice segments which query slices.
+
+    Args:
+        support_slices: Ascending indices of the support slices holding the class.
+        query_slices: Ascending indices of the query slices to segment (EP1: those holding the class; for a
+            new scan: the organ's extent, given or estimated).
+        n_parts: Number of support slices / query chunks.
+
+    Returns:
+        ``n_parts`` pairs (support slice index, list of query slice indices); a list may be empty when there
+        are fewer query slices than parts.
+    """
+    sup = np.asarray(support_slices, dtype=np.int64)
+    qry = np.asarray(query_slices, dtype=np.int64)
+    sup_pos = support_slice_indices(len(sup), n_parts)
+    bounds = query_chunk_bounds(len(qry), n_parts)
+    return [(int(sup[sup_pos[k]]), [int(z) for z in qry[bounds[k] : bounds[k + 1]]]) for k in range(n_parts)]
+
+
 def _three(img: np.ndarray) -> np.ndarray:
     """[..., H, W] -> float32 [..., 3, H, W]."""
     img = np.asarray(img, dtype=np.float32)
@@ -188,12 +209,8 @@ def build_test_chunks(
     qry_sl = labelled_slices(query_case.label, label)
     if qry_sl.size == 0:
         raise ValueError(f"{query_case.image_path}: query volume has no slice with class {label}")
-    sup_pos = support_slice_indices(len(sup_sl), n_parts)
-    bounds = query_chunk_bounds(len(qry_sl), n_parts)
     chunks = []
-    for k in range(n_parts):
-        zs = int(sup_sl[sup_pos[k]])
-        q = [int(z) for z in qry_sl[bounds[k] : bounds[k + 1]]]
+    for zs, q in chunk_plan(sup_sl, qry_sl, n_parts):
         chunks.append(
             TestChunk(
                 support_image=_three(support_case.image[zs]),

@@ -38,6 +38,7 @@ __all__ = [
     "supervoxel_path",
     "read_nifti",
     "count_nonfinite_nifti",
+    "read_direction",
     "write_nifti_like",
     "zscore",
     "load_case",
@@ -194,6 +195,19 @@ def read_nifti(path: PathLike) -> tuple:
             f"{img.GetNumberOfComponentsPerPixel()} component(s)"
         )
     return sitk.GetArrayFromImage(img), img
+
+
+def read_direction(path: PathLike) -> tuple:
+    """The direction matrix (9 values, row-major, SimpleITK convention) of an image file, header only."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise ValueError(f"{path}: cannot read the image header") from None
+    return tuple(reader.GetDirection())
 
 
 def write_nifti_like(array: np.ndarray, reference, path: PathLike) -> Path:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -94,6 +94,14 @@ class FewShotSeg(nn.Module):
         self.fixed_threshold = float(fixed_threshold)
         self.alpha = float(alpha)
         self.bn_with_support = bool(bn_with_support)
+
+    @classmethod
+    def from_config(cls, model_cfg: Mapping[str, Any]) -> "FewShotSeg":
+        """The model described by a ``model`` config sub-dict (as in a checkpoint's ``config["model"]``)."""
+        return cls(backbone=model_cfg["backbone"], weights_path=model_cfg.get("weights_path") or None,
+                   dmap_mode=model_cfg["dmap_mode"], temperature=model_cfg["temperature"],
+                   fixed_threshold=model_cfg["fixed_threshold"], alpha=model_cfg["alpha"],
+                   min_loaded_fraction=model_cfg.get("min_loaded_fraction", 0.9))
 
     @property
     def dmap_mode(self) -> str:
