@@ -1,7 +1,8 @@
 """Sacred configuration shared by ``training.py`` and ``test.py``.
 
-Every default follows the DMAP paper scripts (DESIGN.md section 4). Relative paths in the config are
-relative to the repository root, so a run behaves the same whatever the working directory.
+Every default follows the DMAP paper scripts (docs/method.md) and the public protocol (docs/protocol.md).
+Relative paths in the config are relative to the repository root, so a run behaves the same whatever the
+working directory.
 
 Override from the command line, e.g.::
 

@@ -83,8 +83,8 @@ def excluded_slices(label: np.ndarray, exclude_labels: Sequence[int], mode: str 
     Args:
         label: int [Z, H, W] training label ids.
         exclude_labels: Classes whose slices are excluded (empty: nothing excluded).
-        mode: "any" (a slice is excluded when it contains any of the classes; DESIGN.md) or "all" (only when
-            it contains all of them; the peer-code behaviour).
+        mode: "any" (a slice is excluded when it contains any of the classes; the setting's definition,
+            docs/protocol.md) or "all" (only when it contains all of them; the peer-code behaviour).
 
     Returns:
         bool [Z], True for excluded slices.
@@ -293,7 +293,7 @@ class SupervoxelEpisodes(_RegionEpisodes):
         n_episodes: Dataset length (number of episodes, e.g. n_steps * batch size).
         n_shot: Support slices per episode (>= 1).
         exclude_labels: Setting 2: classes whose slices are excluded (empty = Setting 1).
-        exclude_mode: "any" (default, DESIGN.md) or "all" (peer behaviour).
+        exclude_mode: "any" (default, docs/protocol.md "Settings") or "all" (peer behaviour).
         augment: Apply the episode augmentation.
         seed: Stream seed (>= 0); episode i depends only on (seed, i).
         min_pixels: The larger mask of a window must have at least this many pixels.

@@ -31,7 +31,7 @@ CMR (MS-CMRSeg 2019, the bSSFP "C0" sequence)::
   (files may also sit in sub-folders of RAW). Output ids = patient numbers. Label values are kept raw
   (200/500/600) on disk and mapped to 1/2/3 at load time (``DatasetSpec.raw_label_map``).
 
-Steps (DESIGN.md section 2):
+Steps (docs/protocol.md, "Pre-processing"):
 
 - CHAOST2: DICOM series -> volume; PNG masks -> label volume (see "mask alignment" below); both reoriented
   to the array layout of the public release (``sitk.DICOMOrient(..., "LAS")``: direction diag(1, -1, 1),

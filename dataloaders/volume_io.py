@@ -1,6 +1,6 @@
 """Reading and writing pre-processed volumes (NIfTI, via SimpleITK).
 
-On-disk layout of a data set folder (DESIGN.md section 2)::
+On-disk layout of a data set folder (docs/protocol.md, "Data on disk")::
 
     <data_dir>/image_<id>.nii.gz
     <data_dir>/label_<id>.nii.gz

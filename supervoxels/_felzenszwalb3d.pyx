@@ -5,7 +5,7 @@
 Do not call this module directly: use :func:`supervoxels.felzenszwalb.felzenszwalb_3d`, which validates
 its input, converts it to C-contiguous float32 and computes the per-offset weight factors.
 
-Graph and order (DESIGN.md section 2):
+Graph and order (docs/protocol.md, "Supervoxels"):
 
 * Voxels are indexed in C (raster) order: ``v = (z * H + y) * W + x``.
 * Each voxel has 13 *forward* neighbours ``(dz, dy, dx) > (0, 0, 0)`` in lexicographic order (the order

@@ -1,4 +1,4 @@
-"""Deterministic 3-D Felzenszwalb supervoxels (DESIGN.md section 2).
+"""Deterministic 3-D Felzenszwalb supervoxels (docs/protocol.md, "Supervoxels").
 
 The algorithm is the 3-D extension of Felzenszwalb & Huttenlocher's graph segmentation used by ADNet,
 Q-Net and DMAP to make self-supervision pseudo-labels:

@@ -1,4 +1,4 @@
-"""Generate 3-D Felzenszwalb supervoxel pseudo-labels for a data set folder (DESIGN.md section 2).
+"""Generate 3-D Felzenszwalb supervoxel pseudo-labels for a data set folder (docs/protocol.md, "Supervoxels").
 
 Usage::
 
