@@ -10,7 +10,7 @@ HERE = Path(__file__).parent
 
 def read_requirements() -> list[str]:
     lines = (HERE / "requirements.txt").read_text().splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
 
 
 extensions = [
