@@ -34,11 +34,10 @@ from tqdm import tqdm
 
 from config import ConfigError, configure_logging, make_experiment, one_line_errors, resolve_config
 from dataloaders.dataset_specifics import DATASETS, DatasetSpec, get_dataset_spec
+from dataloaders.resize import resize_images, resize_masks, resize_probabilities
 from dataloaders.test_episodes import build_test_chunks, fold_volume_ids, labelled_slices, split_fold
 from dataloaders.volume_io import Case, list_case_ids, load_case, read_direction, read_nifti, write_nifti_like
 from models.fewshot import FewShotSeg
-from dataloaders.resize import resize_images, resize_masks, resize_probabilities
-from training import build_model
 from util.amp import AmpUnsupported, autocast, resolve_amp
 from util.checkpoints import FINAL_NAME, load_checkpoint, load_model_weights, step_checkpoint_name
 from util.distributed import select_device
@@ -388,7 +387,7 @@ def run_test(cfg: dict[str, Any], out_dir: Path | None = None) -> tuple[dict[str
     model_cfg = dict(cfg["model"], weights_path="")  # the checkpoint holds every weight
     with warnings.catch_warnings():  # "randomly initialised" is true only until the next line
         warnings.filterwarnings("ignore", message=".*randomly initialised.*")
-        model = build_model(model_cfg)
+        model = FewShotSeg.from_config(model_cfg)
     n_loaded = load_model_weights(model, checkpoint, state=state)
     del state
     LOGGER.info("loaded %d tensors from %s", n_loaded, checkpoint)

@@ -67,20 +67,6 @@ class EpisodeIndexSampler(Sampler[int]):
         return max(0, self.n_steps - self.start_step) * self.batch_size
 
 
-def build_model(model_cfg: dict[str, Any]) -> FewShotSeg:
-    """The few-shot segmenter from the ``model`` config sub-dict."""
-    return FewShotSeg(
-        backbone=model_cfg["backbone"],
-        weights_path=model_cfg["weights_path"] or None,
-        dmap_mode=model_cfg["dmap_mode"],
-        temperature=model_cfg["temperature"],
-        fixed_threshold=model_cfg["fixed_threshold"],
-        alpha=model_cfg["alpha"],
-        min_loaded_fraction=model_cfg.get("min_loaded_fraction", 0.9),
-        bn_with_support=model_cfg["bn_with_support"],
-    )
-
-
 def build_episodes(cfg: dict[str, Any]) -> torch.utils.data.Dataset:
     """Training episodes for every step of the run (all ranks share one indexable stream)."""
     spec = get_dataset_spec(cfg["dataset"])
@@ -173,7 +159,7 @@ def _train(cfg: dict[str, Any], ctx: DistributedContext, sacred_run: Any,
     final_path = snapshot_dir / FINAL_NAME
 
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
-    model = build_model(cfg["model"]).to(device)
+    model = FewShotSeg.from_config(cfg["model"]).to(device)
     memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["optim"]["lr"], momentum=cfg["optim"]["momentum"],

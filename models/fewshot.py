@@ -101,7 +101,8 @@ class FewShotSeg(nn.Module):
         return cls(backbone=model_cfg["backbone"], weights_path=model_cfg.get("weights_path") or None,
                    dmap_mode=model_cfg["dmap_mode"], temperature=model_cfg["temperature"],
                    fixed_threshold=model_cfg["fixed_threshold"], alpha=model_cfg["alpha"],
-                   min_loaded_fraction=model_cfg.get("min_loaded_fraction", 0.9))
+                   min_loaded_fraction=model_cfg.get("min_loaded_fraction", 0.9),
+                   bn_with_support=model_cfg.get("bn_with_support", True))
 
     @property
     def dmap_mode(self) -> str:

@@ -15,6 +15,7 @@ from config import ConfigError, build_config, resolve_config
 from dataloaders.dataset_specifics import get_dataset_spec
 from dataloaders.resize import resize_episode, resize_images, resize_masks, resize_probabilities
 from dataloaders.volume_io import load_case
+from models.fewshot import FewShotSeg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +86,7 @@ def test_evaluation_at_the_data_size_is_unchanged_and_a_smaller_size_scores_on_t
     spec = get_dataset_spec("SYNTH")
     case_ids = [1, 2]
     support, query = (load_case(cfg["data_dir"], i, spec, n_sv=None, load_label=True) for i in case_ids)
-    model = training.build_model(dict(cfg["model"], weights_path=""))
+    model = FewShotSeg.from_config(dict(cfg["model"], weights_path=""))
     model.load_state_dict(torch.load(final, weights_only=False)["model"])
     model.eval()
     cpu = torch.device("cpu")
