@@ -208,16 +208,11 @@ class _RegionEpisodes(Dataset):
     def __len__(self) -> int:
         return self.n_episodes
 
-    def _augment(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple:
+    def _warp(self, transform, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple:
+        """``transform(image, mask, rng, params)``, redrawn while the mask leaves the slice (kept as is after
+        ``_MAX_AUG_TRIES`` tries)."""
         for _ in range(_MAX_AUG_TRIES):
-            img, msk = augment_pair(image, mask, rng, self.augment_params)
-            if msk.any():
-                return img, msk
-        return image.astype(np.float32, copy=True), mask.astype(np.float32)
-
-    def _geometric(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple:
-        for _ in range(_MAX_AUG_TRIES):
-            img, msk = geometric_transform(image, mask, rng, self.augment_params)
+            img, msk = transform(image, mask, rng, self.augment_params)
             if msk.any():
                 return img, msk
         return np.asarray(image, dtype=np.float32).copy(), mask.astype(np.float32)
@@ -264,13 +259,13 @@ class _RegionEpisodes(Dataset):
             for s in sides[0]:
                 images[s] = gamma_transform(images[s], rng, self.augment_params.gamma_range)
             for s in sides[1]:
-                images[s], masks[s] = self._geometric(images[s], masks[s], rng)
+                images[s], masks[s] = self._warp(geometric_transform, images[s], masks[s], rng)
         elif self.augment:
             if rng.random() < 0.5:  # augment the supports
                 for s in range(self.n_shot):
-                    images[s], masks[s] = self._augment(images[s], masks[s], rng)
+                    images[s], masks[s] = self._warp(augment_pair, images[s], masks[s], rng)
             else:
-                images[-1], masks[-1] = self._augment(images[-1], masks[-1], rng)
+                images[-1], masks[-1] = self._warp(augment_pair, images[-1], masks[-1], rng)
         img = np.stack(images).astype(np.float32, copy=False)
         img3 = np.ascontiguousarray(np.broadcast_to(img[:, None], (img.shape[0], 3) + img.shape[1:]))
         msk = np.stack(masks)

@@ -103,6 +103,16 @@ def gamma_transform(image: np.ndarray, rng: np.random.Generator, gamma_range: tu
     return out
 
 
+def _affine_draws(rng: np.random.Generator, rotation_deg: float, shift_px: float, shear_deg: float,
+                  scale_range: tuple) -> tuple:
+    """The 5 uniform draws of a random affine, in this order: rotation (deg), shift x, shift y (px),
+    shear (radians), scale."""
+    rot = rng.uniform(-rotation_deg, rotation_deg)
+    tx, ty = rng.uniform(-shift_px, shift_px, size=2)
+    shear = math.radians(rng.uniform(-shear_deg, shear_deg))
+    return rot, tx, ty, shear, rng.uniform(*scale_range)
+
+
 def random_affine_matrix(
     rng: np.random.Generator,
     shape: tuple,
@@ -121,10 +131,8 @@ def random_affine_matrix(
         float64 [2, 3] matrix mapping input (x, y) pixel coordinates to output coordinates.
     """
     h, w = shape
-    rot = math.radians(rng.uniform(-rotation_deg, rotation_deg))
-    tx, ty = rng.uniform(-shift_px, shift_px, size=2)
-    shear = math.radians(rng.uniform(-shear_deg, shear_deg))
-    scale = rng.uniform(*scale_range)
+    rot_deg, tx, ty, shear, scale = _affine_draws(rng, rotation_deg, shift_px, shear_deg, scale_range)
+    rot = math.radians(rot_deg)
     cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
     rot_m = np.array([[math.cos(rot), -math.sin(rot)], [math.sin(rot), math.cos(rot)]])
     shear_m = np.array([[1.0, -math.sin(shear)], [0.0, math.cos(shear)]])
@@ -152,10 +160,7 @@ def public_affine_matrix(
         float64 [2, 3] matrix mapping input (x, y) pixel coordinates to output coordinates.
     """
     h, w = shape
-    rot = rng.uniform(-rotation_deg, rotation_deg)
-    tx, ty = rng.uniform(-shift_px, shift_px, size=2)
-    shear = math.radians(rng.uniform(-shear_deg, shear_deg))
-    scale = rng.uniform(*scale_range)
+    rot, tx, ty, shear, scale = _affine_draws(rng, rotation_deg, shift_px, shear_deg, scale_range)
     centre = (w / 2.0, h / 2.0)
 
     def square(m: np.ndarray) -> np.ndarray:

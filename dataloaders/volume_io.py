@@ -38,6 +38,7 @@ __all__ = [
     "supervoxel_path",
     "read_nifti",
     "count_nonfinite_nifti",
+    "read_header",
     "read_direction",
     "write_nifti_like",
     "zscore",
@@ -197,8 +198,15 @@ def read_nifti(path: PathLike) -> tuple:
     return sitk.GetArrayFromImage(img), img
 
 
-def read_direction(path: PathLike) -> tuple:
-    """The direction matrix (9 values, row-major, SimpleITK convention) of an image file, header only."""
+def read_header(path: PathLike):
+    """The header of an image file (size, spacing, direction, ...) without reading its voxels.
+
+    Returns:
+        A ``SimpleITK.ImageFileReader`` with the image information read.
+
+    Raises:
+        ValueError: the file cannot be read as an image (the message names it).
+    """
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -206,8 +214,13 @@ def read_direction(path: PathLike) -> tuple:
     try:
         reader.ReadImageInformation()
     except RuntimeError:
-        raise ValueError(f"{path}: cannot read the image header") from None
-    return tuple(reader.GetDirection())
+        raise ValueError(f"{path}: cannot read as an image") from None
+    return reader
+
+
+def read_direction(path: PathLike) -> tuple:
+    """The direction matrix (9 values, row-major, SimpleITK convention) of an image file, header only."""
+    return tuple(read_header(path).GetDirection())
 
 
 def write_nifti_like(array: np.ndarray, reference, path: PathLike) -> Path:

@@ -29,7 +29,7 @@ import numpy as np
 from dataloaders.dataset_specifics import DatasetSpec
 from dataloaders.preprocess import (clip_percentile, crop_border, crop_or_pad, read_dicom_series, resample_image,
                                     resample_label, window_ct)
-from dataloaders.volume_io import count_nonfinite_nifti, read_nifti, zscore
+from dataloaders.volume_io import read_header, read_nifti, zscore
 
 __all__ = [
     "MODALITIES",
@@ -89,12 +89,7 @@ def check_scan(path: PathLike) -> Optional[tuple]:
         return None
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise ValueError(f"{path}: cannot read as an image") from None
+    reader = read_header(path)
     if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
         raise ValueError(f"{path}: expected a 3-D scalar volume, got dimension {reader.GetDimension()} with "
                          f"{reader.GetNumberOfComponents()} component(s)")
@@ -121,13 +116,10 @@ def read_scan(path: PathLike, label: bool = False):
     check_scan(path)
     if path.is_dir():
         img, _ = read_dicom_series(path)
-        arr = sitk.GetArrayViewFromImage(img)
-        n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
     else:
-        arr, img = read_nifti(path)
-        n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr))) if arr.dtype.kind == "f" else 0
-        if n_bad == 0 and arr.dtype.kind == "f":
-            n_bad = count_nonfinite_nifti(path)  # SimpleITK reads stored NaN as 0
+        _, img = read_nifti(path)  # checks the stored values (SimpleITK reads NaN as 0) and completeness
+    arr = sitk.GetArrayViewFromImage(img)
+    n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr))) if arr.dtype.kind == "f" else 0
     if n_bad:
         raise ValueError(f"{path}: volume contains {n_bad} NaN or infinite value(s)")
     if label:
