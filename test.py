@@ -35,7 +35,8 @@ from tqdm import tqdm
 from config import ConfigError, configure_logging, make_experiment, one_line_errors, resolve_config
 from dataloaders.dataset_specifics import DATASETS, DatasetSpec, get_dataset_spec
 from dataloaders.resize import resize_images, resize_masks, resize_probabilities
-from dataloaders.test_episodes import build_test_chunks, fold_volume_ids, labelled_slices, split_fold
+from dataloaders.ep1 import build_test_chunks, labelled_slices
+from dataloaders.folds import fold_volume_ids, split_fold
 from dataloaders.volume_io import Case, list_case_ids, load_case, read_direction, read_nifti, write_nifti_like
 from models.fewshot import FewShotSeg
 from util.amp import AmpUnsupported, autocast, resolve_amp

@@ -29,7 +29,7 @@ from config import ConfigError, configure_logging, make_experiment, one_line_err
 from dataloaders.dataset_specifics import get_dataset_spec
 from dataloaders.episodes import GroundTruthEpisodes, SupervoxelEpisodes, build_training_cases
 from dataloaders.resize import ResizedEpisodes
-from dataloaders.test_episodes import fold_volume_ids
+from dataloaders.folds import fold_volume_ids
 from dataloaders.transforms import augment_params
 from models.fewshot import FewShotSeg
 from models.losses import focal_loss

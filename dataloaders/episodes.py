@@ -50,6 +50,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataloaders.dataset_specifics import DatasetSpec
+from dataloaders.folds import fold_volume_ids
 from dataloaders.transforms import (AUGMENT_PROFILES, AugmentParams, augment_pair, augment_params,
                                    gamma_transform, geometric_transform)
 from dataloaders.volume_io import Case, _compact, load_cases
@@ -389,8 +390,6 @@ def build_training_cases(
         List of ``Case``; supervoxels are stored in the smallest unsigned dtype holding them (uint8 for a
         few hundred supervoxels), to keep a fold of 256x256 volumes in little memory.
     """
-    from dataloaders.test_episodes import fold_volume_ids  # local: test_episodes imports this module's peers
-
     train_ids, _ = fold_volume_ids(data_dir, spec, eval_fold, volumes)
     if use_gt:
         sv = None

@@ -186,7 +186,7 @@ def chaos_cfg(tmp_path, eval_fold):
 
 def test_checkpoint_of_another_fold_is_refused(script):
     from dataloaders.dataset_specifics import get_dataset_spec
-    from dataloaders.test_episodes import split_fold
+    from dataloaders.folds import split_fold
 
     spec = get_dataset_spec("CHAOST2")
     train1, test1 = split_fold(spec.case_ids, spec, 1)
@@ -203,7 +203,7 @@ def test_checkpoint_of_another_fold_is_refused(script):
 
 def test_older_checkpoint_without_ids_is_checked_through_its_config(script, caplog):
     from dataloaders.dataset_specifics import get_dataset_spec
-    from dataloaders.test_episodes import split_fold
+    from dataloaders.folds import split_fold
 
     spec = get_dataset_spec("CHAOST2")
     state = {"config": {"dataset": "CHAOST2", "eval_fold": 2, "n_steps": 35000}, "step": 5000}  # no "fold"

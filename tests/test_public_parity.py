@@ -90,7 +90,7 @@ def test_public_sampler_mask_sizes_on_chaos(chaos_dir, tmp_path):
     (valid_windows) of the episodes; median 1630 vs 1440 px."""
     from dataloaders.dataset_specifics import get_dataset_spec
     from dataloaders.episodes import build_training_cases
-    from dataloaders.test_episodes import split_fold
+    from dataloaders.folds import split_fold
     from dataloaders.volume_io import list_case_ids
     from supervoxels.generate_supervoxels import process_case
 

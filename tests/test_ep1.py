@@ -3,14 +3,8 @@ import numpy as np
 import pytest
 
 from dataloaders.dataset_specifics import get_dataset_spec
-from dataloaders.test_episodes import (
-    build_test_chunks,
-    query_chunk_bounds,
-    split_fold,
-    support_query_ids,
-    support_rotation,
-    support_slice_indices,
-)
+from dataloaders.ep1 import build_test_chunks, query_chunk_bounds, support_positions, support_slice_indices
+from dataloaders.folds import split_fold
 from dataloaders.volume_io import Case
 
 
@@ -33,13 +27,14 @@ def test_split_fold_chaos_ids():
     assert test4 == sorted(test4)
 
 
-def test_support_and_rotation():
-    assert support_query_ids([8, 2, 5], 0) == (2, [5, 8])
-    assert support_query_ids([8, 2, 5], 2) == (8, [2, 5])
-    assert support_rotation([8, 2, 5], rotate=True) == [0, 1, 2]
-    assert support_rotation([8, 2, 5], supp_idx=1) == [1]
-    with pytest.raises(ValueError, match="supp_idx must be in"):
-        support_query_ids([1, 2], 2)
+def test_support_positions_put_the_configured_support_first():
+    assert support_positions(3, 0, rotate=False) == [0]
+    assert support_positions(3, 2, rotate=False) == [2]
+    assert support_positions(4, 2, rotate=True) == [2, 0, 1, 3]
+    with pytest.raises(ValueError, match=r"supp_idx is 2; the fold has 2 volumes \(0..1\)"):
+        support_positions(2, 2, rotate=True)
+    with pytest.raises(ValueError, match="supp_idx is -1"):
+        support_positions(2, -1, rotate=False)
 
 
 def test_support_slice_positions():
@@ -88,7 +83,7 @@ def _touch_images(folder, ids):
 
 
 def test_fold_ids_are_checked_against_the_registry(tmp_path):
-    from dataloaders.test_episodes import fold_volume_ids
+    from dataloaders.folds import fold_volume_ids
 
     spec = get_dataset_spec("CHAOST2")
     _touch_images(tmp_path, spec.case_ids)

@@ -1,8 +1,8 @@
-"""EP1 test protocol (ADNet, Q-Net, RPT, DMAP): folds, support/query volumes, support slices, query chunks.
+"""EP1, the evaluation protocol of ADNet, Q-Net, RPT and DMAP: support slices and query chunks.
 
-- Volumes are sorted by numeric id; a fold is a set of positions in that order (``DatasetSpec.fold_positions``).
-- The support volume is position ``supp_idx`` of the test fold (in ascending position order); the other fold
-  members are the queries. ``support_rotation`` lists every ``supp_idx`` to report mean and spread.
+- The fold (``dataloaders.folds``) is sorted by volume id; the support is the member at position ``supp_idx``
+  and the other members are the queries. :func:`support_positions` gives the positions to evaluate (every
+  member when the support is rotated, to report the mean and spread over supports).
 - Per test class: the query keeps only the slices whose label contains the class, cut into ``n_parts``
   equal chunks by ``np.linspace(0, n, n_parts + 1).astype(int)``; chunk k is segmented with support slice k,
   taken at fraction (2k + 1) / (2 n_parts) (1/6, 1/2, 5/6) of the support's labelled-slice list:
@@ -15,15 +15,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from dataloaders.dataset_specifics import DatasetSpec
 from dataloaders.volume_io import Case
 
 __all__ = [
-    "TestChunk",
-    "split_fold",
-    "fold_volume_ids",
-    "support_query_ids",
-    "support_rotation",
+    "EP1Chunk",
+    "support_positions",
     "labelled_slices",
     "support_slice_indices",
     "query_chunk_bounds",
@@ -33,7 +29,7 @@ __all__ = [
 
 
 @dataclass
-class TestChunk:
+class EP1Chunk:
     """One support slice and the query chunk it segments.
 
     Attributes:
@@ -45,8 +41,6 @@ class TestChunk:
         support_slice: Index of the support slice in the support volume.
     """
 
-    __test__ = False  # not a pytest class
-
     support_image: np.ndarray
     support_mask: np.ndarray
     query_images: np.ndarray
@@ -55,78 +49,21 @@ class TestChunk:
     support_slice: int
 
 
-def split_fold(case_ids: Sequence[int], spec: DatasetSpec, fold: int) -> tuple:
-    """Training and test ids of an EP1 fold.
+def support_positions(n_volumes: int, supp_idx: int, rotate: bool) -> list:
+    """Positions in the sorted fold of the support volumes to evaluate, the configured one first.
 
     Args:
-        case_ids: All volume ids of the data set (any order; sorted numerically here).
-        spec: Data set facts (fold rule).
-        fold: Evaluation fold.
-
-    Returns:
-        (train_ids, test_ids), both sorted numerically; train = all volumes not in the fold.
-    """
-    ids = sorted(int(c) for c in case_ids)
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"duplicate volume ids in {ids}")
-    pos = set(spec.fold_positions(fold, len(ids)))
-    test = [cid for p, cid in enumerate(ids) if p in pos]
-    train = [cid for p, cid in enumerate(ids) if p not in pos]
-    return train, test
-
-
-def fold_volume_ids(data_dir, spec: DatasetSpec, fold: int, volumes: Optional[Sequence[int]] = None) -> tuple:
-    """Training and test ids of an EP1 fold, with the data folder checked against the registry.
-
-    Folds are positions in the sorted id list, so one missing volume would silently shift every fold. When
-    the registry knows the public ids (``spec.case_ids``), the folder must hold exactly those.
-
-    Args:
-        data_dir: Data set folder (``image_<id>.nii.gz`` files).
-        spec: Data set facts.
-        fold: Evaluation fold.
-        volumes: Explicit volume ids to use instead of the registry's (each must be in the folder).
-
-    Returns:
-        (train_ids, test_ids) as :func:`split_fold`.
+        n_volumes: Number of volumes in the fold.
+        supp_idx: Position of the configured support.
+        rotate: Also use every other fold member as the support, in position order.
 
     Raises:
-        ValueError: one line naming the missing or unexpected ids.
+        ValueError: ``supp_idx`` is not a position of the fold.
     """
-    from dataloaders.volume_io import list_case_ids
-
-    found = list_case_ids(data_dir)
-    if volumes is not None:
-        wanted = sorted({int(v) for v in volumes})
-        missing = sorted(set(wanted) - set(found))
-        if missing:
-            raise ValueError(f"{data_dir}: volume id(s) {missing} of config key 'volumes' have no image file")
-        return split_fold(wanted, spec, fold)
-    if spec.case_ids:
-        missing = sorted(set(spec.case_ids) - set(found))
-        unexpected = sorted(set(found) - set(spec.case_ids))
-        if missing or unexpected:
-            raise ValueError(
-                f"{data_dir}: {spec.name} has the {len(spec.case_ids)} public volumes {list(spec.case_ids)}; "
-                f"missing id(s) {missing}, unexpected id(s) {unexpected} would shift the EP1 folds "
-                "(set config key 'volumes' to the ids to use on purpose)")
-    return split_fold(found, spec, fold)
-
-
-def support_query_ids(test_ids: Sequence[int], supp_idx: int = 0) -> tuple:
-    """(support id, query ids) of a test fold; the support is position ``supp_idx`` of the sorted fold."""
-    ids = sorted(int(c) for c in test_ids)
-    if not 0 <= supp_idx < len(ids):
-        raise ValueError(f"supp_idx must be in [0, {len(ids) - 1}] for a fold of {len(ids)} volumes, got {supp_idx}")
-    return ids[supp_idx], [c for i, c in enumerate(ids) if i != supp_idx]
-
-
-def support_rotation(test_ids: Sequence[int], rotate: bool = False, supp_idx: int = 0) -> list:
-    """The ``supp_idx`` values to evaluate: all fold members when ``rotate``, else ``[supp_idx]``."""
-    if rotate:
-        return list(range(len(test_ids)))
-    support_query_ids(test_ids, supp_idx)  # validates
-    return [int(supp_idx)]
+    if not 0 <= supp_idx < n_volumes:
+        raise ValueError(f"supp_idx is {supp_idx}; the fold has {n_volumes} volumes (0..{n_volumes - 1})")
+    others = [i for i in range(n_volumes) if i != supp_idx] if rotate else []
+    return [int(supp_idx)] + others
 
 
 def labelled_slices(label: np.ndarray, cls: int) -> np.ndarray:
@@ -192,7 +129,7 @@ def build_test_chunks(
         n_part: Alias of ``n_parts`` (the config key's name); wins when given.
 
     Returns:
-        ``n_parts`` ``TestChunk`` s; a chunk may hold 0 query slices when the query has fewer kept slices than
+        ``n_parts`` ``EP1Chunk`` s; a chunk may hold 0 query slices when the query has fewer kept slices than
         ``n_parts``.
 
     Raises:
@@ -212,7 +149,7 @@ def build_test_chunks(
     chunks = []
     for zs, q in chunk_plan(sup_sl, qry_sl, n_parts):
         chunks.append(
-            TestChunk(
+            EP1Chunk(
                 support_image=_three(support_case.image[zs]),
                 support_mask=(support_case.label[zs] == label).astype(np.float32),
                 query_images=_three(query_case.image[q]),
