@@ -90,7 +90,7 @@ def default_config() -> dict[str, Any]:
         use_gt=False,  # supervised episodes from ground truth instead of supervoxels
         n_shot=1,
         augment=True,
-        min_fg_pixels=200,  # self-supervised episodes: pixels in the larger of the two masks
+        min_fg_pixels=200,  # pixels in the larger of an episode's two masks (supervoxel or label episodes)
         image_size=None,  # None -> the data's slice size; else the model runs at image_size x image_size
         #                   (episodes and EP1 inputs resized; predictions resized back before scoring)
         # "public": draw a supervoxel uniformly, then a slice run and a start slice, redraw while the larger

@@ -406,9 +406,9 @@ def build_training_episodes(
     n_episodes: int,
     use_gt: bool,
     test_labels: Sequence[int],
-    setting: int = 1,
-    n_shot: int = 1,
+    exclude_labels: Sequence[int] = (),
     exclude_mode: str = "any",
+    n_shot: int = 1,
     augment: bool = True,
     seed: int = 2025,
     min_pixels: int = 200,
@@ -421,18 +421,15 @@ def build_training_episodes(
         cases: From ``build_training_cases``.
         n_episodes: Dataset length.
         use_gt: Supervised (ground-truth) episodes instead of supervoxel episodes.
-        test_labels: Test classes (removed from ground-truth episodes; excluded in Setting 2).
-        setting: 1 (test organs may appear, unlabelled) or 2 (slices with test organs excluded).
-        n_shot, exclude_mode, augment, seed, min_pixels, sampler: See ``SupervoxelEpisodes``.
+        test_labels: Test classes (removed from ground-truth episodes).
+        exclude_labels: Classes whose slices are left out (Setting 2: the test classes; Setting 1: none).
+        exclude_mode, n_shot, augment, seed, min_pixels, sampler: See ``SupervoxelEpisodes``.
         augment_profile: ``public`` or ``compact`` (``dataloaders.transforms``).
     """
-    if setting not in (1, 2):
-        raise ValueError(f"setting must be 1 or 2, got {setting!r}")
-    exclude = tuple(test_labels) if setting == 2 else ()
     common = dict(
-        n_shot=n_shot, exclude_labels=exclude, exclude_mode=exclude_mode, augment=augment, seed=seed,
-        min_pixels=min_pixels, sampler=sampler, augment_params=augment_params(augment_profile),
+        n_shot=n_shot, exclude_labels=tuple(exclude_labels), exclude_mode=exclude_mode, augment=augment,
+        seed=seed, min_pixels=min_pixels, sampler=sampler, augment_params=augment_params(augment_profile),
     )
     if use_gt:
-        return GroundTruthEpisodes(cases, n_episodes, test_labels, **common)
+        return GroundTruthEpisodes(cases, n_episodes, tuple(test_labels), **common)
     return SupervoxelEpisodes(cases, n_episodes, **common)

@@ -17,6 +17,7 @@ on the queries only. In ``eval()`` mode the two agree and the supports' layer4 i
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from models.dmap import (DMAP_MODES, LearnableThresholdGeneration, compute_dtype, debiased_prototypes,
                          feature_cosine, masked_average_pooling, no_autocast, upsampled_cosine)
 from models.encoder import Encoder
+from util.checkpoints import load_model_weights
 
 
 @dataclass
@@ -103,6 +105,25 @@ class FewShotSeg(nn.Module):
                    fixed_threshold=model_cfg["fixed_threshold"], alpha=model_cfg["alpha"],
                    min_loaded_fraction=model_cfg.get("min_loaded_fraction", 0.9),
                    bn_with_support=model_cfg.get("bn_with_support", True))
+
+    @classmethod
+    def from_checkpoint(cls, model_cfg: Mapping[str, Any], path: Union[str, Path],
+                        state: Optional[Dict[str, Any]] = None) -> "FewShotSeg":
+        """The model of ``model_cfg`` with every weight read from a checkpoint.
+
+        No pretrained weights are loaded first (the checkpoint holds them all), and
+        :func:`util.checkpoints.load_model_weights` refuses a file that does not fit the model.
+
+        Args:
+            model_cfg: the ``model`` config sub-dict (usually the checkpoint's own ``config["model"]``).
+            path: the checkpoint file, named in errors.
+            state: its content when already read (not read again).
+        """
+        with warnings.catch_warnings():  # "randomly initialised" is true only until the weights are loaded
+            warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+            model = cls.from_config(dict(model_cfg, weights_path=""))
+        load_model_weights(model, path, state=state)
+        return model
 
     @property
     def dmap_mode(self) -> str:

@@ -39,3 +39,20 @@ def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 0.7,
         weights = torch.as_tensor(class_weights, dtype=dt, device=probs.device)[target]
         per_pixel = -weights * (1.0 - p_t).clamp_min(0.0).pow(gamma) * torch.log(p_t)
         return per_pixel.sum() / weights.sum().clamp_min(torch.finfo(dt).tiny)
+
+
+def episode_loss(probs: torch.Tensor, query_masks: torch.Tensor, gamma: float = 0.7,
+                 class_weights: Sequence[float] = (0.1, 1.0)) -> torch.Tensor:
+    """Focal loss of each episode, averaged over the episodes of the batch.
+
+    Each episode is normalised by its own pixel weights first, so a batch of B episodes trains like B
+    single-episode steps averaged.
+
+    Args:
+        probs: [B, Q, 2, H, W] background/foreground probabilities.
+        query_masks: [B, Q, H, W] binary ground truth.
+        gamma, class_weights: focal-loss parameters (the paper: 0.7 and background 0.1 / foreground 1.0).
+    """
+    losses = [focal_loss(probs[b].float(), query_masks[b], gamma=gamma, class_weights=tuple(class_weights))
+              for b in range(probs.shape[0])]
+    return torch.stack(losses).mean()

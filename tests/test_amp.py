@@ -7,7 +7,7 @@ import torch
 import training
 import util.amp as amp_module
 from conftest import smoke_updates
-from config import ConfigError, build_config, resolve_config
+from config import build_config, resolve_config
 from util.amp import AmpUnsupported, autocast, resolve_amp
 
 CPU = torch.device("cpu")
@@ -50,7 +50,7 @@ def test_autocast_off_is_fp32_and_bf16_casts_matmuls():
 def test_training_refuses_bf16_on_a_cpu_without_it(monkeypatch, synth_root, tmp_path):
     monkeypatch.setattr(amp_module, "native_bf16", lambda device: False)
     cfg = resolve_config(build_config(["smoke"], smoke_updates(synth_root, tmp_path, amp="bf16", n_steps=1)))
-    with pytest.raises(ConfigError, match="config key 'amp' is 'bf16'"):
+    with pytest.raises(AmpUnsupported, match="config key 'amp' is 'bf16'"):
         training.train(cfg)
     assert not list(tmp_path.rglob("*.pth"))  # refused before any step
 

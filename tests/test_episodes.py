@@ -161,13 +161,10 @@ def test_errors(cases):
     no_label = [Case(1, cases[0].image, None, cases[0].supervoxels, (1, 1, 1), "image_1.nii.gz")]
     with pytest.raises(ValueError, match="image_1.nii.gz: Setting 2 exclusion needs the label volume"):
         SupervoxelEpisodes(no_label, 4, exclude_labels=(1,))
-    with pytest.raises(ValueError, match="setting must be 1 or 2"):
-        build_training_episodes(cases, 4, use_gt=False, test_labels=(1,), setting=3)
 
 
 def test_build_from_files(tmp_path):
     """Cases from disk (synthetic phantoms + hand-made supervoxel files), fold split, Setting 2."""
-    import SimpleITK as sitk
 
     from dataloaders.synthetic import generate_synthetic_dataset
     from dataloaders.volume_io import read_nifti, write_nifti_like
@@ -184,7 +181,8 @@ def test_build_from_files(tmp_path):
     cases = build_training_cases(tmp_path, spec, eval_fold=0, n_sv=77, use_gt=False)
     assert [c.case_id for c in cases] == [3, 4, 5]  # fold 0 of 5 volumes = positions {0, 1}
     assert cases[0].supervoxels.dtype == np.uint8
-    ds = build_training_episodes(cases, 6, use_gt=False, test_labels=spec.test_labels, setting=2, min_pixels=20)
+    ds = build_training_episodes(cases, 6, use_gt=False, test_labels=spec.test_labels,
+                                 exclude_labels=spec.test_labels, min_pixels=20)
     for i in range(6):
         item = ds[i]
         assert item["support_images"].shape[-2:] == (64, 64)

@@ -1,4 +1,4 @@
-"""test.py's numbers on hand-computed cases: per query, per class, means, spread over supports, CSV, table.
+"""EP1's numbers on hand-computed cases: per query, per class, means, spread over supports, CSV, table.
 
 The model is replaced by a table of predictions, so every reported number can be worked out by hand: each
 query has one kept slice whose 4 target voxels are all foreground, and the prediction marks ``k`` of them
@@ -18,9 +18,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from config import ConfigError, build_config, resolve_config
+import evaluation.ep1_fold as ep1_fold
+from dataloaders.dataset_specifics import get_dataset_spec
 from dataloaders.volume_io import Case
-from test_end_to_end import load_test_script
+from evaluation.checkpoint_choice import check_checkpoint, checkpoint_training_ids
+from evaluation.ep1_fold import EP1Options, evaluate_fold
+from evaluation.results import format_table, write_results
 
 LIVER, SPLEEN = 1, 4
 # (support id, query id, class) -> k target voxels the model finds
@@ -32,9 +35,8 @@ K = {
 COPY_K = 2
 
 
-@pytest.fixture(scope="module")
-def script():
-    return load_test_script()
+SPEC = get_dataset_spec("SYNTH")
+CPU = torch.device("cpu")
 
 
 def make_case(case_id: int, classes=(LIVER, SPLEEN), image_path=None) -> Case:
@@ -61,15 +63,14 @@ def fake_predict(calls: list):
     return predict
 
 
-def eval_cfg(**updates) -> dict:
-    base = build_config(["smoke"], dict({"test_label": [LIVER, SPLEEN], "n_overlays": 0}, **updates))
-    return resolve_config(base, need_data=False)
+def options(**updates) -> EP1Options:
+    return EP1Options(test_labels=(LIVER, SPLEEN), **updates)
 
 
-def run(script, monkeypatch, cases, **updates):
+def run(monkeypatch, cases, **updates):
     calls = []
-    monkeypatch.setattr(script, "predict_query", fake_predict(calls))
-    summary = script.evaluate_fold(None, eval_cfg(**updates), torch.device("cpu"), None, cases=cases)
+    monkeypatch.setattr(ep1_fold, "predict_query", fake_predict(calls))
+    summary = evaluate_fold(None, cases, SPEC, options(**updates), CPU)
     return summary, calls
 
 
@@ -77,8 +78,8 @@ def dice(k):
     return 2 * k / (k + 4)
 
 
-def test_rotated_supports_by_hand(script, monkeypatch):
-    summary, calls = run(script, monkeypatch, [make_case(1), make_case(2), make_case(3)], rotate_support=True)
+def test_rotated_supports_by_hand(monkeypatch):
+    summary, calls = run(monkeypatch, [make_case(1), make_case(2), make_case(3)], rotate_support=True)
     assert len(calls) == 3 * 2 * 2  # supports x classes x queries
     assert [r["support_id"] for r in summary["supports"]] == [1, 2, 3]
 
@@ -105,9 +106,9 @@ def test_rotated_supports_by_hand(script, monkeypatch):
     assert summary["mean"]["copy_support"]["iou"] == pytest.approx(0.5)
 
 
-def test_csv_rows_and_table(script, monkeypatch, tmp_path):
-    summary, _ = run(script, monkeypatch, [make_case(1), make_case(2), make_case(3)], rotate_support=True)
-    json_path, csv_path = script.write_results(summary, tmp_path)
+def test_csv_rows_and_table(monkeypatch, tmp_path):
+    summary, _ = run(monkeypatch, [make_case(1), make_case(2), make_case(3)], rotate_support=True)
+    json_path, csv_path = write_results(summary, tmp_path)
     assert json.loads(json_path.read_text())["mean"]["model"]["dice"] == pytest.approx(0.6)
     rows = list(csv.DictReader(csv_path.open()))
     assert len(rows) == 3 * 2 * 2 * 2  # supports x classes x queries x methods
@@ -117,25 +118,25 @@ def test_csv_rows_and_table(script, monkeypatch, tmp_path):
     assert pick[("2", "spleen", "3", "copy_support")]["dice"] == "0.6667"
     assert pick[("1", "liver", "2", "model")]["n_slices"] == "1"
 
-    lines = script.format_table(summary).splitlines()
+    lines = format_table(summary).splitlines()
     assert lines[0].split() == ["class", "Dice", "IoU", "Prec", "Recall", "copy", "Dice"]
     liver = lines[1].split()
     assert liver[0] == "liver" and liver[1] == "0.5667" and liver[4] == "0.4583" and liver[5] == "0.6667"
     assert lines[3].split()[:2] == ["mean", "0.6000"]
 
 
-def test_single_support_uses_supp_idx(script, monkeypatch):
-    summary, calls = run(script, monkeypatch, [make_case(1), make_case(2), make_case(3)], supp_idx=2)
+def test_single_support_uses_supp_idx(monkeypatch):
+    summary, calls = run(monkeypatch, [make_case(1), make_case(2), make_case(3)], supp_idx=2)
     assert {c[0] for c in calls} == {3} and len(summary["supports"]) == 1
     assert summary["classes"]["liver"]["model"]["dice"] == pytest.approx((0.4 + 0) / 2)
     assert summary["classes"]["liver"]["dice_std_over_supports"] == 0.0
     assert summary["mean"]["model"]["dice"] == pytest.approx((0.2 + 1.0) / 2)
 
 
-def test_query_without_a_class_is_nan_and_left_out(script, monkeypatch, caplog):
+def test_query_without_a_class_is_nan_and_left_out(monkeypatch, caplog):
     cases = [make_case(1), make_case(2), make_case(3, classes=(LIVER,))]
     with caplog.at_level(logging.WARNING, logger="test"):
-        summary, calls = run(script, monkeypatch, cases)
+        summary, calls = run(monkeypatch, cases)
     assert (1, 3, SPLEEN) not in calls and len(calls) == 3
     assert "query volume 3 has no spleen" in caplog.text
     spleen = summary["classes"]["spleen"]
@@ -144,19 +145,19 @@ def test_query_without_a_class_is_nan_and_left_out(script, monkeypatch, caplog):
     assert summary["mean"]["model"]["dice"] == pytest.approx((5 / 6 + 0.4) / 2)
 
 
-def test_support_without_a_class_is_refused_before_any_work(script, monkeypatch):
+def test_support_without_a_class_is_refused_before_any_work(monkeypatch):
     cases = [make_case(1), make_case(2, classes=(LIVER,)), make_case(3)]
-    with pytest.raises(ConfigError, match=r"support volume 2 \(image_2.nii.gz\) has no spleen \(4\)") as info:
-        run(script, monkeypatch, cases, rotate_support=True)  # support 2 comes second in the rotation
+    with pytest.raises(ValueError, match=r"support volume 2 \(image_2.nii.gz\) has no spleen \(4\)") as info:
+        run(monkeypatch, cases, rotate_support=True)  # support 2 comes second in the rotation
     assert "\n" not in str(info.value)
     calls = []
-    monkeypatch.setattr(script, "predict_query", fake_predict(calls))
-    with pytest.raises(ConfigError):
-        script.evaluate_fold(None, eval_cfg(rotate_support=True), torch.device("cpu"), None, cases=cases)
+    monkeypatch.setattr(ep1_fold, "predict_query", fake_predict(calls))
+    with pytest.raises(ValueError):
+        evaluate_fold(None, cases, SPEC, options(rotate_support=True), CPU)
     assert calls == []
 
 
-def test_label_maps_merge_by_highest_probability(script, monkeypatch, tmp_path):
+def test_label_maps_merge_by_highest_probability(monkeypatch, tmp_path):
     paths = {}
     for cid in (1, 2):
         paths[cid] = tmp_path / f"image_{cid}.nii.gz"
@@ -173,18 +174,14 @@ def test_label_maps_merge_by_highest_probability(script, monkeypatch, tmp_path):
         target[0, 0] = 1
         return {"slices": np.array([0]), "prob": prob, "copy": target, "target": target}
 
-    monkeypatch.setattr(script, "predict_query", predict)
-    script.evaluate_fold(None, eval_cfg(), torch.device("cpu"), tmp_path / "out", cases=cases)
+    monkeypatch.setattr(ep1_fold, "predict_query", predict)
+    evaluate_fold(None, cases, SPEC, options(), CPU, tmp_path / "out")
     merged = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "predictions" / "query_2.nii.gz")))
     assert merged[0, 0].tolist() == [SPLEEN, LIVER, 0, SPLEEN]
     assert not merged[1].any() and not merged[0, 1:].any()
 
 
-def chaos_cfg(tmp_path, eval_fold):
-    return {"dataset": "CHAOST2", "eval_fold": eval_fold, "data_dir": str(tmp_path)}
-
-
-def test_checkpoint_of_another_fold_is_refused(script):
+def test_checkpoint_of_another_fold_is_refused():
     from dataloaders.dataset_specifics import get_dataset_spec
     from dataloaders.folds import split_fold
 
@@ -194,27 +191,27 @@ def test_checkpoint_of_another_fold_is_refused(script):
     state = {"fold": {"dataset": "CHAOST2", "setting": 1, "eval_fold": 1, "train_ids": train1, "test_ids": test1},
              "config": {"n_steps": 10}, "step": 10}
     # fold 1 = positions 4-8; it trained on positions 0-3 = ids 1, 2, 3, 5 of evaluation fold 0 = [1, 2, 3, 5, 8]
-    with pytest.raises(ConfigError, match=r"trained on CHAOST2 fold 1, whose training volumes \[1, 2, 3, 5\] are in "
+    with pytest.raises(ValueError, match=r"trained on CHAOST2 fold 1, whose training volumes \[1, 2, 3, 5\] are in "
                                           r"evaluation fold 0; use eval_fold=1") as info:
-        script.check_checkpoint(state, {"dataset": "CHAOST2", "eval_fold": 0, "data_dir": ""}, test0, "c.pth")
+        check_checkpoint(state, "CHAOST2", 0, "", test0, "c.pth")
     assert "\n" not in str(info.value)
-    script.check_checkpoint(state, {"dataset": "CHAOST2", "eval_fold": 1, "data_dir": ""}, test1, "c.pth")
+    check_checkpoint(state, "CHAOST2", 1, "", test1, "c.pth")
 
 
-def test_older_checkpoint_without_ids_is_checked_through_its_config(script, caplog):
+def test_older_checkpoint_without_ids_is_checked_through_its_config(caplog):
     from dataloaders.dataset_specifics import get_dataset_spec
     from dataloaders.folds import split_fold
 
     spec = get_dataset_spec("CHAOST2")
     state = {"config": {"dataset": "CHAOST2", "eval_fold": 2, "n_steps": 35000}, "step": 5000}  # no "fold"
-    assert script.checkpoint_training_ids(state, {"dataset": "CHAOST2", "data_dir": ""}) == (
+    assert checkpoint_training_ids(state, "CHAOST2", "") == (
         "CHAOST2", 2, split_fold(spec.case_ids, spec, 2)[0])
     _, test0 = split_fold(spec.case_ids, spec, 0)
-    with pytest.raises(ConfigError, match=r"fold 2, whose training volumes \[1, 2, 3, 5, 8\] are in evaluation fold 0"):
-        script.check_checkpoint(state, {"dataset": "CHAOST2", "eval_fold": 0, "data_dir": ""}, test0, "old.pth")
+    with pytest.raises(ValueError, match=r"fold 2, whose training volumes \[1, 2, 3, 5, 8\] are in evaluation fold 0"):
+        check_checkpoint(state, "CHAOST2", 0, "", test0, "old.pth")
     _, test2 = split_fold(spec.case_ids, spec, 2)
     with caplog.at_level(logging.WARNING, logger="test"):
-        script.check_checkpoint(state, {"dataset": "CHAOST2", "eval_fold": 2, "data_dir": ""}, test2, "old.pth")
+        check_checkpoint(state, "CHAOST2", 2, "", test2, "old.pth")
     assert "stopped after 5000 of 35000 training steps" in caplog.text
 
 

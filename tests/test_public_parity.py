@@ -273,11 +273,10 @@ def test_protocol_keys_are_validated(key, value, message):
 
 # ------------------------------------------------------------------ evaluated checkpoint
 def test_eval_step_snapshot_is_written_kept_and_evaluated(synth_root, tmp_path):
-    import importlib.util
-
     import training
-    from config import REPO_ROOT
     from conftest import smoke_updates
+    from evaluation.checkpoint_choice import default_checkpoint
+    from test_end_to_end import load_test_script
 
     cfg = resolve_config(build_config(["smoke"], smoke_updates(synth_root, tmp_path, n_steps=6, eval_step=3,
                                                               keep_snapshots=1)))
@@ -286,10 +285,11 @@ def test_eval_step_snapshot_is_written_kept_and_evaluated(synth_root, tmp_path):
     # every 2 steps (2, 4) and the eval step (3, off the grid); pruning to 1 drops step 2, never step 3
     assert sorted(p.name for p in snapshot_dir.iterdir()) == ["final.pth", "step_0000003.pth", "step_0000004.pth"]
 
-    spec = importlib.util.spec_from_file_location("dmap_test_script", REPO_ROOT / "test.py")
-    test_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(test_script)
-    assert test_script.default_checkpoint(cfg) == snapshot_dir / "step_0000003.pth"
-    assert test_script.default_checkpoint(dict(cfg, eval_step=0)) == snapshot_dir / "final.pth"
-    assert test_script.default_checkpoint(dict(cfg, eval_step=5)) == snapshot_dir / "final.pth"  # not written
-    assert test_script.default_checkpoint(dict(cfg, reload_model_path=str(tmp_path / "x.pth"))) == tmp_path / "x.pth"
+    assert default_checkpoint(snapshot_dir, 3, 6) == snapshot_dir / "step_0000003.pth"
+    assert default_checkpoint(snapshot_dir, 0, 6) == snapshot_dir / "final.pth"
+    assert default_checkpoint(snapshot_dir, None, 6) == snapshot_dir / "final.pth"
+    assert default_checkpoint(snapshot_dir, 5, 6) == snapshot_dir / "final.pth"  # not written
+    test_script = load_test_script()
+    assert test_script.checkpoint_path(cfg) == snapshot_dir / "step_0000003.pth"
+    with pytest.raises(ConfigError, match=r"config key 'reload_model_path': no checkpoint at .*x.pth"):
+        test_script.checkpoint_path(dict(cfg, reload_model_path=str(tmp_path / "x.pth")))

@@ -1,9 +1,6 @@
 """image_size: episodes and EP1 inputs at a smaller size, predictions back on the label grid."""
 from __future__ import annotations
 
-import importlib.util
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,16 +12,9 @@ from config import ConfigError, build_config, resolve_config
 from dataloaders.dataset_specifics import get_dataset_spec
 from dataloaders.resize import resize_episode, resize_images, resize_masks, resize_probabilities
 from dataloaders.volume_io import load_case
+from evaluation.ep1_fold import predict_query
 from models.fewshot import FewShotSeg
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_test_script():
-    spec = importlib.util.spec_from_file_location("dmap_test_script", REPO / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_same_size_is_the_identity():
@@ -80,7 +70,6 @@ def test_training_episodes_come_at_image_size(synth_root, tmp_path):
 
 
 def test_evaluation_at_the_data_size_is_unchanged_and_a_smaller_size_scores_on_the_label_grid(synth_root, tmp_path):
-    test_script = load_test_script()
     cfg = resolve_config(build_config(["smoke"], smoke_updates(synth_root, tmp_path, n_steps=1)))
     final = training.train(cfg)
     spec = get_dataset_spec("SYNTH")
@@ -91,10 +80,10 @@ def test_evaluation_at_the_data_size_is_unchanged_and_a_smaller_size_scores_on_t
     model.eval()
     cpu = torch.device("cpu")
     args = (model, support, query, 1, 3, 4, cpu, "off")
-    plain = test_script.predict_query(*args)
-    same = test_script.predict_query(*args, image_size=SYNTH_TEST_SIZE)
+    plain = predict_query(*args)
+    same = predict_query(*args, image_size=SYNTH_TEST_SIZE)
     np.testing.assert_array_equal(plain["prob"], same["prob"])
-    small = test_script.predict_query(*args, image_size=32)
+    small = predict_query(*args, image_size=32)
     assert small["prob"].shape == plain["prob"].shape == small["target"].shape
     assert small["prob"].shape[-2:] == (SYNTH_TEST_SIZE, SYNTH_TEST_SIZE)
     assert not np.array_equal(small["prob"], plain["prob"])

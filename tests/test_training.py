@@ -13,6 +13,8 @@ import training
 from conftest import smoke_updates
 from config import build_config, resolve_config
 from models.fewshot import FewShotSeg
+from models.losses import episode_loss
+from trainer.loop import set_train_mode
 from util.checkpoints import load_checkpoint
 
 
@@ -41,12 +43,12 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_batch_of_two_episodes_equals_the_average_of_two_single_episodes():
     torch.manual_seed(0)
     model = FewShotSeg(backbone="resnet18", weights_path=None, dmap_mode="learned")
-    training.set_train_mode(model, freeze_bn=True)  # batch statistics would couple the episodes
+    set_train_mode(model, freeze_bn=True)  # batch statistics would couple the episodes
     support, support_masks, query, query_masks = _episodes(2)
 
     probs, _ = model(support, support_masks, query)
     assert probs.shape == (2, 1, 2, 64, 64)
-    batched_loss = training.episode_loss(probs, query_masks)
+    batched_loss = episode_loss(probs, query_masks)
     batched_loss.backward()
     batched = _grads(model)
 
@@ -54,7 +56,7 @@ def test_batch_of_two_episodes_equals_the_average_of_two_single_episodes():
     losses = []
     for b in range(2):
         single, _ = model(support[b], support_masks[b], query[b])
-        losses.append(training.episode_loss(single[None], query_masks[b:b + 1]))
+        losses.append(episode_loss(single[None], query_masks[b:b + 1]))
     separate_loss = torch.stack(losses).mean()
     separate_loss.backward()
     separate = _grads(model)
