@@ -1,7 +1,7 @@
 """Segment new scans from one annotated example: checkpoint loading, EP1 slice correspondence, label fusion.
 
 For each requested label the support scan's annotated slices and the query's organ extent are matched as
-in EP1 (:func:`dataloaders.test_episodes.chunk_plan`): the extent is cut into ``n_parts`` chunks and chunk
+in EP1 (:func:`dataloaders.ep1.chunk_plan`): the extent is cut into ``n_parts`` chunks and chunk
 k is segmented with the support slice at fraction (2k + 1) / (2 n_parts) of the support's labelled slices.
 
 The query's extent is either given (a slice range) or estimated: a first pass segments every query slice
@@ -15,7 +15,6 @@ takes the label of highest probability among those above 0.5.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -25,11 +24,11 @@ import torch
 
 from dataloaders.dataset_specifics import DatasetSpec, get_dataset_spec
 from dataloaders.resize import resize_images, resize_masks, resize_probabilities
-from dataloaders.test_episodes import chunk_plan, labelled_slices, support_slice_indices
+from dataloaders.ep1 import chunk_plan, labelled_slices, support_slice_indices
 from inference.model_space import ModelSpaceScan, model_slice_range, original_slice_range, to_original_grid
 from models.fewshot import FewShotSeg
 from util.amp import AmpUnsupported, autocast, resolve_amp
-from util.checkpoints import load_checkpoint, load_model_weights
+from util.checkpoints import load_checkpoint
 from util.distributed import select_device
 
 __all__ = [
@@ -104,12 +103,9 @@ def load_predictor(checkpoint: str | Path, device: str = "auto", amp: str = "aut
         raise ValueError(f"{path}: no training config in the checkpoint (expected a file written by training.py)")
     try:
         spec = get_dataset_spec(cfg["dataset"])
-        with warnings.catch_warnings():  # every weight comes from the checkpoint just below
-            warnings.filterwarnings("ignore", message=".*randomly initialised.*")
-            model = FewShotSeg.from_config(dict(cfg["model"], weights_path=""))
-    except (KeyError, ValueError) as exc:
+    except ValueError as exc:
         raise ValueError(f"{path}: the checkpoint's config does not describe a model: {exc}") from None
-    load_model_weights(model, path, state)
+    model = FewShotSeg.from_checkpoint(cfg["model"], path, state)
     del state
     try:
         dev = select_device(device)

@@ -118,10 +118,17 @@ class FewShotSeg(nn.Module):
             model_cfg: the ``model`` config sub-dict (usually the checkpoint's own ``config["model"]``).
             path: the checkpoint file, named in errors.
             state: its content when already read (not read again).
+
+        Raises:
+            ValueError: one line naming the file: a config that describes no model, or weights that do not
+                fit it.
         """
-        with warnings.catch_warnings():  # "randomly initialised" is true only until the weights are loaded
-            warnings.filterwarnings("ignore", message=".*randomly initialised.*")
-            model = cls.from_config(dict(model_cfg, weights_path=""))
+        try:
+            with warnings.catch_warnings():  # "randomly initialised" is true only until the weights are loaded
+                warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+                model = cls.from_config(dict(model_cfg, weights_path=""))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path}: the checkpoint's config does not describe a model: {exc}") from None
         load_model_weights(model, path, state=state)
         return model
 
