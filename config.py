@@ -76,7 +76,7 @@ def default_config() -> dict[str, Any]:
     """Default configuration: every key a run reads, with the paper's values."""
     return dict(
         seed=2025,
-        dataset="CHAOST2",  # CHAOST2 | SABS | CMR | SYNTH
+        dataset="CHAOST2",  # a registry name: dataset_specifics.dataset_names()
         data_root="data",  # holds one folder per data set
         data_dir=None,  # None -> <data_root>/<dataset>
         n_sv=None,  # supervoxel min_size; None -> the data set's default (5000 abdominal, 1000 cardiac)
@@ -151,10 +151,8 @@ def default_config() -> dict[str, Any]:
 
 
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
-    "chaos": {"dataset": "CHAOST2"},
-    "sabs": {"dataset": "SABS"},
-    "cmr": {"dataset": "CMR"},
-    "synth": {"dataset": "SYNTH"},
+    # one per registered data set (chaos, sabs, cmr, synth)
+    **{spec.config_name: {"dataset": name} for name, spec in DATASETS.items()},
     "setting2": {"setting": 2},
     # the embedded synthetic demo: small backbone and phantoms so it trains on two CPU cores in minutes.
     # From random weights the paper's background weight 0.1 makes the model over-segment (measured on the

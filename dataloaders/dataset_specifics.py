@@ -1,7 +1,9 @@
 """Registry of the data sets the framework knows: labels, folds, defaults.
 
 Every data-set fact used anywhere in the project lives here (label ids and names, the raw-to-training label
-map, default test labels, default supervoxel size, EP1 folds, modality, normalisation, target spacing).
+map, default test labels, default supervoxel size, EP1 folds, modality, normalisation, target spacing, and the
+raw release's layout and intensity conventions that ``dataloaders.preprocess`` converts). Other modules take
+lists of data sets from here (:func:`dataset_names`, :func:`raw_dataset_names`) rather than naming them.
 
 Example:
     >>> spec = get_dataset_spec("SABS")
@@ -12,10 +14,10 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Optional
 
-__all__ = ["DatasetSpec", "DATASETS", "get_dataset_spec", "dataset_names"]
+__all__ = ["DatasetSpec", "DATASETS", "get_dataset_spec", "dataset_names", "raw_dataset_names", "ct_window_hu"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class DatasetSpec:
 
     Attributes:
         name: Registry key ("CHAOST2", "SABS", "CMR", "SYNTH").
+        config_name: Name of the Sacred named config that selects this data set (``with chaos``).
         modality: "MR" or "CT".
         label_names: {training id: organ name}; background (0) is not listed.
         raw_label_map: {value on disk: training id}; identity for all sets but CMR.
@@ -46,9 +49,17 @@ class DatasetSpec:
             SYNTH; ``None`` where the pre-processing keeps the scanner's orientation (CMR, SABS).
         normalisation: Load-time intensity normalisation, "zscore" (per volume).
         case_ids: Volume ids of the public release (informative; loading lists the folder).
+        raw_layout: How the raw public release is laid out on disk, a key of
+            ``dataloaders.preprocess.RAW_LAYOUTS`` ("chaos_dicom_png", "cmr_nifti", "sabs_nifti");
+            ``None`` where there is no raw release to pre-process (SYNTH).
+        png_label_values: CHAOST2 only: {training id: (lowest, highest) grey value} of the ground-truth PNG
+            masks, inclusive ranges around the nominal 63/126/189/252 (challenge documentation).
+        intensity_window_hu: CT only: HU window (low, high) clipped and rescaled to [0, 255] by the
+            pre-processing.
     """
 
     name: str
+    config_name: str
     modality: str
     label_names: Mapping[int, str]
     raw_label_map: Mapping[int, int]
@@ -64,6 +75,9 @@ class DatasetSpec:
     orientation: Optional[str] = None
     normalisation: str = "zscore"
     case_ids: tuple = field(default=())
+    raw_layout: Optional[str] = None
+    png_label_values: Optional[Mapping[int, tuple]] = None
+    intensity_window_hu: Optional[tuple] = None
 
     def __hash__(self) -> int:
         return hash(self.name)
@@ -145,21 +159,36 @@ class DatasetSpec:
             return list(range(fold * step, fold * step + step + 1))
         return sorted({0, *range(last_start, n_volumes)})
 
+    def check_raw_values(self, values: Iterable[int], path: Optional[object] = None) -> None:
+        """Check that label values read from disk are raw values of this data set (or background 0).
+
+        Args:
+            values: Values found in a label volume (ints, e.g. its ``np.unique``).
+            path: The file (or anything printable) they come from, named first in the message; ``None``
+                omits it.
+
+        Raises:
+            ValueError: "<path>: unknown label value(s) [v, ...] for <NAME>; valid: 0, ..." listing at most
+                ten of the unknown values, in increasing order, and every valid one.
+        """
+        known = {0, *self.raw_label_map}
+        unknown = sorted({int(v) for v in values} - known)
+        if unknown:
+            where = f"{path}: " if path is not None else ""
+            raise ValueError(
+                f"{where}unknown label value(s) {unknown[:10]} for {self.name}; valid: "
+                + ", ".join(str(v) for v in sorted(known))
+            )
+
     def map_raw_labels(self, raw_values: Iterable[int]) -> dict:
-        """{raw value: training id} for the given raw values, 0 -> 0; unknown values raise ValueError."""
-        out = {}
-        for v in raw_values:
-            v = int(v)
-            if v == 0:
-                out[v] = 0
-            elif v in self.raw_label_map:
-                out[v] = self.raw_label_map[v]
-            else:
-                raise ValueError(
-                    f"{self.name}: unknown raw label value {v}; valid: 0, "
-                    + ", ".join(str(k) for k in sorted(self.raw_label_map))
-                )
-        return out
+        """{raw value: training id} for the given raw values, 0 -> 0.
+
+        Raises:
+            ValueError: An unknown value (:meth:`check_raw_values`).
+        """
+        raw_values = [int(v) for v in raw_values]
+        self.check_raw_values(raw_values)
+        return {v: 0 if v == 0 else self.raw_label_map[v] for v in raw_values}
 
 
 def _identity(ids: Iterable[int]) -> dict:
@@ -184,22 +213,28 @@ _SABS_LABELS = {
 }
 _CMR_LABELS = {1: "lv_myo", 2: "lv_bp", 3: "rv"}
 
+_CHAOST2 = DatasetSpec(
+    name="CHAOST2",
+    config_name="chaos",
+    modality="MR",
+    label_names=_CHAOS_LABELS,
+    raw_label_map=_identity(_CHAOS_LABELS),
+    test_labels=(1, 2, 3, 4),
+    n_sv=5000,
+    fold_step=4,
+    n_volumes=20,
+    spacing=(7.7, 1.25, 1.25),
+    orientation="LAS",
+    case_ids=(1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39),
+    raw_layout="chaos_dicom_png",
+    png_label_values={1: (55, 70), 2: (110, 135), 3: (175, 200), 4: (240, 255)},
+)
+
 DATASETS: Mapping[str, DatasetSpec] = {
-    "CHAOST2": DatasetSpec(
-        name="CHAOST2",
-        modality="MR",
-        label_names=_CHAOS_LABELS,
-        raw_label_map=_identity(_CHAOS_LABELS),
-        test_labels=(1, 2, 3, 4),
-        n_sv=5000,
-        fold_step=4,
-        n_volumes=20,
-        spacing=(7.7, 1.25, 1.25),
-        orientation="LAS",
-        case_ids=(1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39),
-    ),
+    "CHAOST2": _CHAOST2,
     "SABS": DatasetSpec(
         name="SABS",
+        config_name="sabs",
         modality="CT",
         label_names=_SABS_LABELS,
         raw_label_map=_identity(_SABS_LABELS),
@@ -211,9 +246,12 @@ DATASETS: Mapping[str, DatasetSpec] = {
         inplane_scale=1.75,
         border_crop=32,
         case_ids=tuple(range(30)),
+        raw_layout="sabs_nifti",
+        intensity_window_hu=(-125.0, 275.0),
     ),
     "CMR": DatasetSpec(
         name="CMR",
+        config_name="cmr",
         modality="MR",
         label_names=_CMR_LABELS,
         raw_label_map={200: 1, 500: 2, 600: 3},
@@ -223,26 +261,49 @@ DATASETS: Mapping[str, DatasetSpec] = {
         n_volumes=35,
         spacing=(7.99, 1.25, 1.25),
         case_ids=tuple(range(1, 36)),
+        raw_layout="cmr_nifti",
     ),
-    "SYNTH": DatasetSpec(
+    # phantoms of the CHAOST2 organs (dataloaders.synthetic): CHAOST2's labels, modality and orientation
+    "SYNTH": replace(
+        _CHAOST2,
         name="SYNTH",
-        modality="MR",
-        label_names=_CHAOS_LABELS,
-        raw_label_map=_identity(_CHAOS_LABELS),
-        test_labels=(1, 2, 3, 4),
+        config_name="synth",
         n_sv=1000,
         fold_step=None,
         n_volumes=None,
         spacing=(6.5, 2.5, 2.5),
         crop_size=(128, 128),
-        orientation="LAS",
+        case_ids=(),
+        raw_layout=None,
+        png_label_values=None,
     ),
 }
-
 
 def dataset_names() -> tuple:
     """Names of the registered data sets."""
     return tuple(DATASETS)
+
+
+def raw_dataset_names() -> tuple:
+    """Names of the data sets with a raw public release that ``dataloaders.preprocess`` converts."""
+    return tuple(name for name, spec in DATASETS.items() if spec.raw_layout is not None)
+
+
+def ct_window_hu(spec: DatasetSpec) -> tuple:
+    """HU window for CT scans given to a model trained on ``spec``.
+
+    The data set's own window when it has one; otherwise (an MR data set fed CT scans) the window of the
+    first registered CT data set, so CT scans always get the intensity range CT models are trained on.
+
+    Raises:
+        ValueError: No registered data set has a CT window.
+    """
+    if spec.intensity_window_hu is not None:
+        return spec.intensity_window_hu
+    for other in DATASETS.values():
+        if other.intensity_window_hu is not None:
+            return other.intensity_window_hu
+    raise ValueError("no registered data set has a CT intensity window")
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:

@@ -1,13 +1,16 @@
 """Pre-processing of the public raw data sets into the training layout (Ouyang et al. protocol).
 
-``python -m dataloaders.preprocess --dataset {CHAOST2,CMR,SABS} --raw-dir RAW --out-dir OUT [--ids ...]``
+``python -m dataloaders.preprocess --dataset {CHAOST2,SABS,CMR} --raw-dir RAW --out-dir OUT [--ids ...]``
 writes ``OUT/image_<id>.nii.gz`` (float32) and ``OUT/label_<id>.nii.gz`` (uint8; uint16 for CMR's raw
 values) with correct geometry (spacing, origin, direction). No external binary is needed (DICOM is read
 with SimpleITK's series reader).
 
-Raw folder layouts expected (RAW is the folder passed as ``--raw-dir``):
+Raw folder layouts expected (RAW is the folder passed as ``--raw-dir``). Which layout a data set has is a
+registry fact (``DatasetSpec.raw_layout``); :data:`RAW_LAYOUTS` maps each layout to the functions that find and
+convert its cases, so ``--dataset`` accepts exactly the registry's data sets with a raw layout. Intensity and
+label conventions of the raw files (PNG grey values, CT window, raw label values) come from the spec too.
 
-CHAOST2 (CHAOS challenge, MR T2-SPIR)::
+CHAOST2 (layout ``chaos_dicom_png``: CHAOS challenge, MR T2-SPIR)::
 
     RAW/Train_Sets/MR/<id>/T2SPIR/DICOM_anon/*.dcm     one DICOM series per patient
     RAW/Train_Sets/MR/<id>/T2SPIR/Ground/*.png         one mask per DICOM frame, values 63/126/189/252
@@ -15,7 +18,7 @@ CHAOST2 (CHAOS challenge, MR T2-SPIR)::
   (``RAW/MR/<id>/...`` and ``RAW/<id>/...`` are accepted too.) Output ids = the CHAOS patient ids
   (1, 2, 3, 5, 8, ...), as in the public release.
 
-SABS (Synapse multi-organ CT, "Abdomen" training set)::
+SABS (layout ``sabs_nifti``: Synapse multi-organ CT, "Abdomen" training set)::
 
     RAW/img/img00XX.nii.gz
     RAW/label/label00XX.nii.gz
@@ -23,7 +26,7 @@ SABS (Synapse multi-organ CT, "Abdomen" training set)::
   Output ids = positions 0..N-1 of the raw cases sorted by number (img0001 -> 0, ..., img0040 -> 29),
   as in the public release; the mapping is printed.
 
-CMR (MS-CMRSeg 2019, the bSSFP "C0" sequence)::
+CMR (layout ``cmr_nifti``: MS-CMRSeg 2019, the bSSFP "C0" sequence)::
 
     RAW/patient<id>_C0.nii.gz
     RAW/patient<id>_C0_manual.nii.gz                  values 0, 200 (LV-MYO), 500 (LV-BP), 600 (RV)
@@ -31,7 +34,7 @@ CMR (MS-CMRSeg 2019, the bSSFP "C0" sequence)::
   (files may also sit in sub-folders of RAW). Output ids = patient numbers. Label values are kept raw
   (200/500/600) on disk and mapped to 1/2/3 at load time (``DatasetSpec.raw_label_map``).
 
-Steps (docs/protocol.md, "Pre-processing"):
+Steps (docs/protocol.md, "Pre-processing"; the numbers are the registry's):
 
 - CHAOST2: DICOM series -> volume; PNG masks -> label volume (see "mask alignment" below); both reoriented
   to the array layout of the public release (``sitk.DICOMOrient(..., "LAS")``: direction diag(1, -1, 1),
@@ -52,8 +55,8 @@ is read with SimpleITK, whose arrays keep the DICOM row order -- the order of th
 aligned to its frame **without** an in-plane flip (``flip_rows=False`` in ``chaos_label_array``); each PNG
 is matched to its DICOM frame by file stem (``IMG-0002-00001.png`` <-> ``IMG-0002-00001.dcm``), falling back
 to sorted-name order, so the z order follows the series reader's geometric sort. The flip of the public
-release appears only afterwards, as a geometry-preserving reorientation of image and label together
-(``reorient="LAS"``).
+release appears only afterwards, as a geometry-preserving reorientation of image and label together to the
+spec's orientation ("LAS").
 """
 from __future__ import annotations
 
@@ -61,14 +64,14 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
-from dataloaders.dataset_specifics import DatasetSpec, get_dataset_spec
+from dataloaders.dataset_specifics import DatasetSpec, get_dataset_spec, raw_dataset_names
 
 __all__ = [
-    "CHAOS_PNG_VALUES",
+    "RAW_LAYOUTS",
     "read_dicom_series",
     "read_png_masks",
     "chaos_label_array",
@@ -90,9 +93,6 @@ __all__ = [
 
 PathLike = Union[str, Path]
 
-#: CHAOS MR ground-truth PNG grey values -> label id, as inclusive ranges (challenge documentation).
-CHAOS_PNG_VALUES = {1: (55, 70), 2: (110, 135), 3: (175, 200), 4: (240, 255)}
-SABS_HU_RANGE = (-125.0, 275.0)
 RESAMPLE_SIZE_RULES = ("public", "round")
 
 
@@ -131,40 +131,44 @@ def read_dicom_series(folder: PathLike):
     return sitk.Cast(img, sitk.sitkFloat32), [Path(f) for f in files]
 
 
-def read_png_masks(paths: Sequence[PathLike]) -> np.ndarray:
+def read_png_masks(paths: Sequence[PathLike], spec: Optional[DatasetSpec] = None) -> np.ndarray:
     """Read CHAOS ground-truth PNGs and map their grey values to label ids.
 
     Args:
         paths: PNG files, one per frame, in the wanted order.
+        spec: Data set facts, its ``png_label_values`` ranges (default CHAOST2).
 
     Returns:
-        uint8 [Z, H, W] label ids 0..4.
+        uint8 [Z, H, W] label ids (0 and the keys of ``png_label_values``).
 
     Raises:
-        ValueError: A PNG holds a grey value outside the CHAOS ranges, or the sizes differ.
+        ValueError: A PNG holds a grey value outside the ranges, or the sizes differ.
     """
     from PIL import Image
 
+    ranges = (spec or get_dataset_spec("CHAOST2")).png_label_values
+    expected = ", ".join(f"{lo}-{hi}" for lo, hi in ranges.values())
     out = []
     for p in paths:
         with Image.open(p) as im:
             arr = np.asarray(im.convert("L"), dtype=np.uint8)
         lab = np.zeros(arr.shape, dtype=np.uint8)
         known = arr == 0
-        for lid, (lo, hi) in CHAOS_PNG_VALUES.items():
+        for lid, (lo, hi) in ranges.items():
             m = (arr >= lo) & (arr <= hi)
             lab[m] = lid
             known |= m
         if not known.all():
             bad = sorted(set(np.unique(arr[~known]).tolist()))[:5]
-            raise ValueError(f"{p}: unexpected mask grey value(s) {bad}; expected 0 or 63/126/189/252")
+            raise ValueError(f"{p}: unexpected mask grey value(s) {bad}; expected 0 or a value in {expected}")
         if out and lab.shape != out[0].shape:
             raise ValueError(f"{p}: mask size {lab.shape} differs from {out[0].shape} of {paths[0]}")
         out.append(lab)
     return np.stack(out)
 
 
-def chaos_label_array(dicom_files: Sequence[PathLike], png_files: Sequence[PathLike], flip_rows: bool = False) -> np.ndarray:
+def chaos_label_array(dicom_files: Sequence[PathLike], png_files: Sequence[PathLike], flip_rows: bool = False,
+                      spec: Optional[DatasetSpec] = None) -> np.ndarray:
     """Stack CHAOS masks in the slice order of the DICOM series read by SimpleITK.
 
     Args:
@@ -173,6 +177,7 @@ def chaos_label_array(dicom_files: Sequence[PathLike], png_files: Sequence[PathL
         flip_rows: Flip every mask along its rows (array axis 1). False is correct for volumes read with
             SimpleITK (DICOM row order); True reproduces the public notebook's flip, which is correct only
             for ``dcm2nii`` output.
+        spec: Data set facts, its PNG grey-value ranges (default CHAOST2).
 
     Returns:
         uint8 [Z, H, W] with Z = len(dicom_files).
@@ -192,7 +197,7 @@ def chaos_label_array(dicom_files: Sequence[PathLike], png_files: Sequence[PathL
         name_order = sorted(dicom_files, key=lambda p: _natural_key(p.name))
         frame = {d: png_files[i] for i, d in enumerate(name_order)}
         ordered = [frame[d] for d in dicom_files]
-    lab = read_png_masks(ordered)
+    lab = read_png_masks(ordered, spec)
     if flip_rows:
         lab = lab[:, ::-1, :].copy()
     return lab
@@ -204,9 +209,12 @@ def clip_percentile(image: np.ndarray, percentile: float = 99.5) -> np.ndarray:
     return np.minimum(image, hi).astype(np.float32)
 
 
-def window_ct(image: np.ndarray) -> np.ndarray:
-    """Clip CT intensities to the HU window [-125, 275] and rescale it to [0, 255] (float32)."""
-    lo, hi = SABS_HU_RANGE
+def window_ct(image: np.ndarray, window: Sequence[float]) -> np.ndarray:
+    """Clip CT intensities to the HU ``window`` (low, high) and rescale it to [0, 255] (float32).
+
+    The window is a registry fact: ``DatasetSpec.intensity_window_hu`` (SABS: [-125, 275]).
+    """
+    lo, hi = window
     return (np.clip(np.asarray(image, dtype=np.float32), lo, hi) - lo) * np.float32(255.0 / (hi - lo))
 
 
@@ -347,14 +355,15 @@ def _check_finite(arr: np.ndarray, path: Path) -> None:
         raise ValueError(f"{path}: image contains NaN or infinite values")
 
 
-def preprocess_chaos_case(case_dir: PathLike, spec: Optional[DatasetSpec] = None, reorient: Optional[str] = "LAS",
+def preprocess_chaos_case(case_dir: PathLike, spec: Optional[DatasetSpec] = None, reorient: bool = True,
                           size_rule: str = "public"):
     """One CHAOS T2-SPIR case: ``case_dir/T2SPIR/DICOM_anon/*.dcm`` + ``case_dir/T2SPIR/Ground/*.png``.
 
     Args:
         case_dir: The patient folder ``.../MR/<id>``.
-        spec: Data set facts (default CHAOST2).
-        reorient: Orientation code for ``sitk.DICOMOrient`` applied to image and label (None: keep).
+        spec: Data set facts (default CHAOST2): PNG grey values, spacing, orientation, crop size.
+        reorient: Reorient image and label to ``spec.orientation`` with ``sitk.DICOMOrient`` (False, or a
+            spec without orientation: keep the series' orientation).
         size_rule: Resampled size per axis, ``public`` or ``round`` (:func:`resampled_size`).
 
     Returns:
@@ -371,7 +380,7 @@ def preprocess_chaos_case(case_dir: PathLike, spec: Optional[DatasetSpec] = None
     pngs = sorted(gt_dir.glob("*.png")) if gt_dir.is_dir() else []
     if not pngs:
         raise FileNotFoundError(f"{gt_dir}: no ground-truth PNG masks found")
-    lab_arr = chaos_label_array(files, pngs)
+    lab_arr = chaos_label_array(files, pngs, spec=spec)
     if lab_arr.shape != sitk.GetArrayViewFromImage(img).shape:
         raise ValueError(
             f"{gt_dir}: mask stack shape {lab_arr.shape} does not match DICOM volume "
@@ -379,9 +388,9 @@ def preprocess_chaos_case(case_dir: PathLike, spec: Optional[DatasetSpec] = None
         )
     lab = sitk.GetImageFromArray(lab_arr)
     lab.CopyInformation(img)
-    if reorient:
-        img = sitk.DICOMOrient(img, reorient)
-        lab = sitk.DICOMOrient(lab, reorient)
+    if reorient and spec.orientation:
+        img = sitk.DICOMOrient(img, spec.orientation)
+        lab = sitk.DICOMOrient(lab, spec.orientation)
     return _finish(img, lab, spec.spacing, spec.crop_size, clip=True, size_rule=size_rule)
 
 
@@ -417,10 +426,7 @@ def preprocess_cmr_case(image_file: PathLike, label_file: PathLike, spec: Option
     lab = _read_nifti_checked(label_file)
     _check_same_grid(img, lab, label_file)
     arr = np.rint(sitk.GetArrayFromImage(lab)).astype(np.int64)
-    bad = sorted(set(np.unique(arr).tolist()) - set(spec.raw_label_map) - {0})
-    if bad:
-        raise ValueError(f"{label_file}: unknown label value(s) {bad[:5]}; valid: 0, "
-                         + ", ".join(str(v) for v in sorted(spec.raw_label_map)))
+    spec.check_raw_values(np.unique(arr), label_file)
     lab2 = sitk.GetImageFromArray(arr.astype(np.uint16))
     lab2.CopyInformation(img)
     return _finish(img, lab2, spec.spacing, spec.crop_size, clip=True, size_rule=size_rule)
@@ -428,7 +434,10 @@ def preprocess_cmr_case(image_file: PathLike, label_file: PathLike, spec: Option
 
 def preprocess_sabs_case(image_file: PathLike, label_file: PathLike, spec: Optional[DatasetSpec] = None,
                          size_rule: str = "public"):
-    """One Synapse CT case: HU clip [-125, 275] -> [0, 255], 32-px border crop, in-plane spacing x 1.75.
+    """One Synapse CT case: HU window -> [0, 255], border crop, in-plane spacing scaled.
+
+    The window, crop and scale are the spec's ``intensity_window_hu``, ``border_crop`` and ``inplane_scale``
+    (SABS: [-125, 275] HU, 32 px, x 1.75).
 
     Returns:
         (image ``SimpleITK.Image`` float32, label ``SimpleITK.Image`` uint8), exactly 256 x 256 in-plane.
@@ -443,10 +452,8 @@ def preprocess_sabs_case(image_file: PathLike, label_file: PathLike, spec: Optio
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
     _check_finite(arr, image_file)
     larr = np.rint(sitk.GetArrayFromImage(lab)).astype(np.int64)
-    bad = sorted(set(np.unique(larr).tolist()) - set(spec.raw_label_map) - {0})
-    if bad:
-        raise ValueError(f"{label_file}: unknown label value(s) {bad[:5]}; valid: 0-{max(spec.raw_label_map)}")
-    windowed = sitk.GetImageFromArray(window_ct(arr))
+    spec.check_raw_values(np.unique(larr), label_file)
+    windowed = sitk.GetImageFromArray(window_ct(arr, spec.intensity_window_hu))
     new_lab = sitk.GetImageFromArray(larr.astype(np.uint8))
     for im in (windowed, new_lab):
         im.CopyInformation(img)
@@ -472,49 +479,87 @@ def _chaos_root(raw: Path) -> Path:
     raise FileNotFoundError(f"{raw}: no CHAOS case folders (expected Train_Sets/MR/<id>/T2SPIR/)")
 
 
+def _find_chaos_cases(raw: Path) -> list:
+    root = _chaos_root(raw)
+    dirs = sorted((d for d in root.iterdir() if d.is_dir() and d.name.isdigit() and (d / "T2SPIR").is_dir()),
+                  key=lambda d: int(d.name))
+    return [(int(d.name), (d,)) for d in dirs]
+
+
+def _find_cmr_cases(raw: Path) -> list:
+    out = []
+    for f in sorted(raw.rglob("patient*_C0.nii.gz"), key=lambda p: _natural_key(p.name)):
+        m = re.match(r"^patient(\d+)_C0\.nii\.gz$", f.name)
+        if not m:
+            continue
+        lab = f.with_name(f"patient{m.group(1)}_C0_manual.nii.gz")
+        if not lab.is_file():
+            raise FileNotFoundError(f"{lab}: label file missing for {f.name}")
+        out.append((int(m.group(1)), (f, lab)))
+    if not out:
+        raise FileNotFoundError(f"{raw}: no patient<id>_C0.nii.gz files found")
+    return out
+
+
+def _find_sabs_cases(raw: Path) -> list:
+    imgs = sorted((raw / "img").glob("img*.nii.gz"), key=lambda p: _natural_key(p.name)) if (raw / "img").is_dir() else []
+    if not imgs:
+        raise FileNotFoundError(f"{raw / 'img'}: no img<NNNN>.nii.gz files found")
+    out = []
+    for pos, f in enumerate(imgs):
+        num = re.match(r"^img(\d+)\.nii\.gz$", f.name)
+        if not num:
+            raise ValueError(f"{f}: unexpected file name, expected img<NNNN>.nii.gz")
+        lab = raw / "label" / f"label{num.group(1)}.nii.gz"
+        if not lab.is_file():
+            raise FileNotFoundError(f"{lab}: label file missing for {f.name}")
+        out.append((pos, (f, lab)))
+    return out
+
+
+class RawLayout(NamedTuple):
+    """How to pre-process one raw layout.
+
+    Attributes:
+        find: ``find(raw_dir) -> [(output id, input paths), ...]`` (the ids in the module docstring).
+        convert: ``convert(input paths, spec, size_rule) -> (image, label)`` ``SimpleITK.Image`` pair.
+    """
+
+    find: Callable[[Path], list]
+    convert: Callable[[tuple, DatasetSpec, str], tuple]
+
+
+#: ``DatasetSpec.raw_layout`` -> its finder and converter.
+RAW_LAYOUTS = {
+    "chaos_dicom_png": RawLayout(
+        _find_chaos_cases, lambda paths, spec, rule: preprocess_chaos_case(paths[0], spec, size_rule=rule)),
+    "cmr_nifti": RawLayout(
+        _find_cmr_cases, lambda paths, spec, rule: preprocess_cmr_case(paths[0], paths[1], spec, size_rule=rule)),
+    "sabs_nifti": RawLayout(
+        _find_sabs_cases, lambda paths, spec, rule: preprocess_sabs_case(paths[0], paths[1], spec, size_rule=rule)),
+}
+
+
+def _raw_layout(spec: DatasetSpec) -> RawLayout:
+    if spec.raw_layout is None:
+        raise ValueError(f"{spec.name}: no raw pre-processing (valid: {', '.join(raw_dataset_names())})")
+    return RAW_LAYOUTS[spec.raw_layout]
+
+
 def find_cases(dataset: str, raw_dir: PathLike) -> list:
     """List the raw cases of a data set.
 
     Returns:
         List of (output id, tuple of input paths): CHAOST2 (case_dir,), CMR/SABS (image_file, label_file).
+
+    Raises:
+        FileNotFoundError: ``raw_dir`` missing, or no case (or a case's label) in it.
+        ValueError: The data set has no raw layout, or a file name breaks the layout.
     """
     raw = Path(raw_dir)
     if not raw.is_dir():
         raise FileNotFoundError(f"{raw}: raw data folder not found")
-    name = get_dataset_spec(dataset).name
-    if name == "CHAOST2":
-        root = _chaos_root(raw)
-        dirs = sorted((d for d in root.iterdir() if d.is_dir() and d.name.isdigit() and (d / "T2SPIR").is_dir()),
-                      key=lambda d: int(d.name))
-        return [(int(d.name), (d,)) for d in dirs]
-    if name == "CMR":
-        out = []
-        for f in sorted(raw.rglob("patient*_C0.nii.gz"), key=lambda p: _natural_key(p.name)):
-            m = re.match(r"^patient(\d+)_C0\.nii\.gz$", f.name)
-            if not m:
-                continue
-            lab = f.with_name(f"patient{m.group(1)}_C0_manual.nii.gz")
-            if not lab.is_file():
-                raise FileNotFoundError(f"{lab}: label file missing for {f.name}")
-            out.append((int(m.group(1)), (f, lab)))
-        if not out:
-            raise FileNotFoundError(f"{raw}: no patient<id>_C0.nii.gz files found")
-        return out
-    if name == "SABS":
-        imgs = sorted((raw / "img").glob("img*.nii.gz"), key=lambda p: _natural_key(p.name)) if (raw / "img").is_dir() else []
-        if not imgs:
-            raise FileNotFoundError(f"{raw / 'img'}: no img<NNNN>.nii.gz files found")
-        out = []
-        for pos, f in enumerate(imgs):
-            num = re.match(r"^img(\d+)\.nii\.gz$", f.name)
-            if not num:
-                raise ValueError(f"{f}: unexpected file name, expected img<NNNN>.nii.gz")
-            lab = raw / "label" / f"label{num.group(1)}.nii.gz"
-            if not lab.is_file():
-                raise FileNotFoundError(f"{lab}: label file missing for {f.name}")
-            out.append((pos, (f, lab)))
-        return out
-    raise ValueError(f"{name}: no raw pre-processing (valid: CHAOST2, CMR, SABS)")
+    return _raw_layout(get_dataset_spec(dataset)).find(raw)
 
 
 def preprocess_dataset(dataset: str, raw_dir: PathLike, out_dir: PathLike, ids: Optional[Sequence[int]] = None,
@@ -522,7 +567,7 @@ def preprocess_dataset(dataset: str, raw_dir: PathLike, out_dir: PathLike, ids: 
     """Pre-process every (or the selected) case of a raw data set into ``out_dir``.
 
     Args:
-        dataset: "CHAOST2", "CMR" or "SABS".
+        dataset: A data set with a raw layout (``raw_dataset_names()``: CHAOST2, SABS, CMR).
         raw_dir: Raw folder (layouts in the module docstring).
         out_dir: Output folder (created).
         ids: Output ids to process (default all).
@@ -545,13 +590,9 @@ def preprocess_dataset(dataset: str, raw_dir: PathLike, out_dir: PathLike, ids: 
         cases = [c for c in cases if c[0] in wanted]
     out = Path(out_dir)
     written = []
+    convert = _raw_layout(spec).convert
     for cid, paths in cases:
-        if spec.name == "CHAOST2":
-            img, lab = preprocess_chaos_case(paths[0], spec, size_rule=size_rule)
-        elif spec.name == "CMR":
-            img, lab = preprocess_cmr_case(paths[0], paths[1], spec, size_rule=size_rule)
-        else:
-            img, lab = preprocess_sabs_case(paths[0], paths[1], spec, size_rule=size_rule)
+        img, lab = convert(paths, spec, size_rule)
         ipath = write_nifti_like(sitk.GetArrayFromImage(img).astype(np.float32), img, out / f"image_{cid}.nii.gz")
         write_nifti_like(sitk.GetArrayFromImage(lab), lab, out / f"label_{cid}.nii.gz")
         written.append(ipath)
@@ -565,7 +606,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point."""
     p = argparse.ArgumentParser(prog="python -m dataloaders.preprocess",
                                 description="Pre-process a raw public data set into image_<id>/label_<id> NIfTI files.")
-    p.add_argument("--dataset", required=True, choices=["CHAOST2", "CMR", "SABS"])
+    p.add_argument("--dataset", required=True, choices=raw_dataset_names())
     p.add_argument("--raw-dir", required=True, help="raw data folder (layout: see the module docstring)")
     p.add_argument("--out-dir", required=True, help="output folder")
     p.add_argument("--ids", type=int, nargs="*", default=None, help="only these output ids")

@@ -3,7 +3,8 @@
 ``python -m dataloaders.synthetic --out-dir DIR [--n-volumes 10] [--size 128] [--seed 0]`` writes
 ``image_<id>.nii.gz`` (float32, raw-MR-like intensities, about 0-1000) and ``label_<id>.nii.gz`` (uint8) for
 ids 1..n, in the on-disk layout of CHAOST2 (see ``dataloaders.volume_io``), so every tool that reads CHAOST2
-reads it. Labels: 1 liver, 2 right kidney, 3 left kidney, 4 spleen (the SYNTH registry entry).
+reads it. Label ids, the default in-plane size and pixel spacing, and the stored orientation are those of
+the SYNTH registry entry (1 liver, 2 right kidney, 3 left kidney, 4 spleen; 128 px of 2.5 mm; LAS).
 
 Each volume is drawn from ``numpy.random.default_rng([seed, index])``: the same seed gives the same files.
 
@@ -18,7 +19,8 @@ is at the top rows, the patient's right on the left columns):
 - every organ: random size, position, in-plane rotation and smooth boundary deformation; organ-specific mean
   intensity and texture; then a partial-volume blur, a smooth multiplicative bias field and Rician noise.
 
-Spacing: in-plane 320 / size mm (2.5 mm at 128 px), slice thickness U(5, 8) mm, 20-32 slices.
+Spacing: in-plane 320 / size mm (2.5 mm at 128 px), slice thickness U(5, 8) mm (the registry's 6.5 mm is its
+mean), 20-32 slices.
 """
 from __future__ import annotations
 
@@ -30,10 +32,16 @@ from typing import Optional, Sequence, Union
 import cv2
 import numpy as np
 
+from dataloaders.dataset_specifics import get_dataset_spec
+
 __all__ = ["generate_phantom", "generate_synthetic_dataset", "main"]
 
-FOV_MM = 320.0
-_ORGAN_LABELS = {"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}
+_SPEC = get_dataset_spec("SYNTH")
+DEFAULT_SIZE = _SPEC.crop_size[1]
+#: Field of view (mm) of every phantom whatever its size: the registry's pixel spacing at the default size.
+FOV_MM = _SPEC.spacing[2] * DEFAULT_SIZE
+SLICE_THICKNESS_MM = (5.0, 8.0)  # drawn uniformly per volume
+_ORGAN_LABELS = {name: lid for lid, name in _SPEC.label_names.items()}
 
 
 class _Grid:
@@ -90,7 +98,7 @@ def _texture(rng: np.random.Generator, shape: tuple, sigma_px: float) -> np.ndar
     return noise / np.float32(noise.std() + 1e-6)
 
 
-def generate_phantom(rng: np.random.Generator, size: int = 128) -> tuple:
+def generate_phantom(rng: np.random.Generator, size: int = DEFAULT_SIZE) -> tuple:
     """Draw one phantom.
 
     Args:
@@ -103,7 +111,7 @@ def generate_phantom(rng: np.random.Generator, size: int = 128) -> tuple:
     if size < 32:
         raise ValueError(f"size must be >= 32 pixels, got {size}")
     n_z = int(rng.integers(20, 33))
-    sz = round(float(rng.uniform(5.0, 8.0)), 2)
+    sz = round(float(rng.uniform(*SLICE_THICKNESS_MM)), 2)
     sxy = FOV_MM / size
     g = _Grid(n_z, size, sz, sxy)
     # patients lie off-centre in the field of view: shift every structure by the same in-plane offset
@@ -218,7 +226,7 @@ def _check_phantom(label: np.ndarray) -> Optional[str]:
 
 
 def generate_synthetic_dataset(
-    out_dir: Union[str, Path], n_volumes: int = 10, size: int = 128, seed: int = 0
+    out_dir: Union[str, Path], n_volumes: int = 10, size: int = DEFAULT_SIZE, seed: int = 0
 ) -> list:
     """Write ``n_volumes`` phantoms as ``image_<id>.nii.gz`` / ``label_<id>.nii.gz``, ids 1..n_volumes.
 
@@ -250,7 +258,8 @@ def generate_synthetic_dataset(
             raise RuntimeError(f"phantom {i + 1}: {_check_phantom(label)} after 10 attempts")
         ref = sitk.GetImageFromArray(image)
         ref.SetSpacing(tuple(float(s) for s in reversed(spacing)))
-        ref.SetDirection((1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))  # like the public CHAOST2 files
+        # diag(1, -1, 1) for LAS, like the public CHAOST2 files
+        ref.SetDirection(sitk.DICOMOrientImageFilter.GetDirectionCosinesFromOrientation(_SPEC.orientation))
         half = (size - 1) / 2.0 * spacing[1]
         ref.SetOrigin((-half, half, 0.0))
         case_id = i + 1
@@ -264,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dataloaders.synthetic", description=__doc__.splitlines()[0])
     p.add_argument("--out-dir", required=True, help="output folder")
     p.add_argument("--n-volumes", type=int, default=10, help="number of volumes (default 10)")
-    p.add_argument("--size", type=int, default=128, help="in-plane size in pixels (default 128)")
+    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"in-plane size in pixels (default {DEFAULT_SIZE})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = p.parse_args(argv)
     try:

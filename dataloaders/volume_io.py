@@ -294,13 +294,7 @@ def _map_labels(raw: np.ndarray, spec: DatasetSpec, path: Path) -> np.ndarray:
         if not np.array_equal(raw, np.round(raw)):
             raise ValueError(f"{path}: label volume contains non-integer values")
     values = np.unique(raw).astype(np.int64)
-    known = set(spec.raw_label_map) | {0}
-    unknown = [int(v) for v in values if int(v) not in known]
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown label value(s) {unknown[:10]} for {spec.name}; valid: "
-            + ", ".join(str(v) for v in sorted(known))
-        )
+    spec.check_raw_values(values, path)
     mapping = spec.map_raw_labels(values)
     if all(k == v for k, v in mapping.items()):
         return raw.astype(np.uint8)

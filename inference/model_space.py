@@ -5,7 +5,7 @@ data set (:mod:`dataloaders.preprocess`, facts from :mod:`dataloaders.dataset_sp
 
 1. reorientation to the stored orientation (CHAOST2, SYNTH: LAS; none for CMR and SABS);
 2. the intensity rule of the scan's modality: MR clipped above its 99.5th percentile; CT clipped to the
-   HU window [-125, 275] and rescaled to [0, 255];
+   registry's HU window (``dataset_specifics.ct_window_hu``: [-125, 275]) and rescaled to [0, 255];
 3. the data set's border crop (SABS: 32 px);
 4. linear resampling to the training spacing (SABS: in-plane spacing x 1.75, slice thickness kept);
 5. centre crop/pad in-plane to the training size (images padded with their minimum, labels with 0);
@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from dataloaders.dataset_specifics import DatasetSpec
+from dataloaders.dataset_specifics import DatasetSpec, ct_window_hu
 from dataloaders.preprocess import (clip_percentile, crop_border, crop_or_pad, read_dicom_series, resample_image,
                                     resample_label, window_ct)
 from dataloaders.volume_io import read_header, read_nifti, zscore
@@ -201,8 +201,9 @@ def to_model_space(image, spec: DatasetSpec, modality: str, label=None, name: st
         image = _with_array(clip_percentile(arr), image)
         steps.append(f"MR intensities clipped above the 99.5th percentile ({hi:.4g})")
     else:
-        image = _with_array(window_ct(arr), image)
-        steps.append("CT intensities clipped to [-125, 275] HU and rescaled to [0, 255]")
+        lo, hi = ct_window_hu(spec)
+        image = _with_array(window_ct(arr, (lo, hi)), image)
+        steps.append(f"CT intensities clipped to [{lo:g}, {hi:g}] HU and rescaled to [0, 255]")
     del arr
     if spec.border_crop:
         try:

@@ -10,11 +10,10 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-runs/demo}
 PYTHON=${PYTHON:-python}
 DATA_DIR="$OUT_DIR/data/SYNTH"
-N_SV=$("$PYTHON" -c "from dataloaders.dataset_specifics import get_dataset_spec as g; print(g('SYNTH').n_sv)")
 
 start=$(date +%s)
 "$PYTHON" -m dataloaders.synthetic --out-dir "$DATA_DIR" --n-volumes 10 --size 128 --seed 0
-"$PYTHON" supervoxels/generate_supervoxels.py --data-dir "$DATA_DIR" --n-sv "$N_SV" --workers 2
+"$PYTHON" supervoxels/generate_supervoxels.py --data-dir "$DATA_DIR" --dataset SYNTH --workers 2
 "$PYTHON" training.py with demo data_root="$OUT_DIR/data" path.log_dir="$OUT_DIR" "$@"
 "$PYTHON" test.py with demo data_root="$OUT_DIR/data" path.log_dir="$OUT_DIR" "$@"
 "$PYTHON" script/summarize.py "$OUT_DIR"

@@ -3,7 +3,7 @@
 #
 #   DATASET=CHAOST2 RAW_DIR=raw/CHAOS_Train_Sets bash script/prepare_data.sh
 #
-# Environment (defaults): DATASET (CHAOST2: CHAOST2|SABS|CMR), RAW_DIR (required), DATA_ROOT (data),
+# Environment (defaults): DATASET (CHAOST2; a registry data set with a raw layout: CHAOST2|SABS|CMR), RAW_DIR (required), DATA_ROOT (data),
 # N_SV (the data set's default), WORKERS (2), PYTHON (python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ DATA_ROOT=${DATA_ROOT:-data}
 WORKERS=${WORKERS:-2}
 PYTHON=${PYTHON:-python}
 : "${RAW_DIR:?set RAW_DIR to the folder of the downloaded $DATASET data}"
-N_SV=${N_SV:-$("$PYTHON" -c "from dataloaders.dataset_specifics import get_dataset_spec as g; print(g('$DATASET').n_sv)")}
 
 "$PYTHON" -m dataloaders.preprocess --dataset "$DATASET" --raw-dir "$RAW_DIR" --out-dir "$DATA_ROOT/$DATASET"
-"$PYTHON" supervoxels/generate_supervoxels.py --data-dir "$DATA_ROOT/$DATASET" --n-sv "$N_SV" --workers "$WORKERS"
+"$PYTHON" supervoxels/generate_supervoxels.py --data-dir "$DATA_ROOT/$DATASET" --dataset "$DATASET" \
+    ${N_SV:+--n-sv "$N_SV"} --workers "$WORKERS"

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python supervoxels/generate_supervoxels.py --data-dir DIR [--n-sv 5000] [--out-dir OUT]
+    python supervoxels/generate_supervoxels.py --data-dir DIR [--dataset NAME] [--n-sv N] [--out-dir OUT]
         [--workers N] [--fg-thresh 10] [--overwrite]
     python -m supervoxels.generate_supervoxels --data-dir DIR ...
 
@@ -279,15 +279,26 @@ def process_case(
 # ----------------------------------------------------------------------------------------------------
 
 
+#: ``--n-sv`` without ``--dataset``: the abdominal data sets' size, the CLI's default before ``--dataset``.
+FALLBACK_N_SV = 5000
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI's arguments; ``--dataset`` choices and ``--n-sv`` defaults come from the data-set registry."""
+    from dataloaders.dataset_specifics import DATASETS  # the CLI's concern only: supervoxelizing needs no registry
+
+    sizes = ", ".join(f"{name} {spec.n_sv}" for name, spec in DATASETS.items())
     parser = argparse.ArgumentParser(
         prog="generate_supervoxels",
         description="Generate 3-D Felzenszwalb supervoxels (superpix-MIDDLE_<id>.nii.gz) for every "
         "image_<id>.nii.gz in a data set folder.",
     )
     parser.add_argument("--data-dir", type=Path, required=True, help="folder with image_<id>.nii.gz files")
-    parser.add_argument("--n-sv", type=int, default=5000,
-                        help="minimum supervoxel size in voxels (5000 abdominal, 1000 cardiac; default 5000)")
+    parser.add_argument("--dataset", choices=tuple(DATASETS), default=None,
+                        help="registry data set of the folder: its supervoxel size is the default of --n-sv")
+    parser.add_argument("--n-sv", type=int, default=None,
+                        help=f"minimum supervoxel size in voxels (default: the --dataset's, {sizes}; "
+                        f"{FALLBACK_N_SV} without --dataset)")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="output folder (default: DATA_DIR/supervoxels_<n_sv>)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -306,7 +317,11 @@ def _error(message: str) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 some volumes failed, 2 usage / input error)."""
+    from dataloaders.dataset_specifics import get_dataset_spec
+
     args = build_parser().parse_args(argv)
+    if args.n_sv is None:
+        args.n_sv = get_dataset_spec(args.dataset).n_sv if args.dataset else FALLBACK_N_SV
     data_dir: Path = args.data_dir
     if args.n_sv < 1:
         return _error(f"--n-sv must be >= 1, got {args.n_sv}")

@@ -1,7 +1,7 @@
 """Data-set registry facts."""
 import pytest
 
-from dataloaders.dataset_specifics import dataset_names, get_dataset_spec
+from dataloaders.dataset_specifics import ct_window_hu, dataset_names, get_dataset_spec
 
 
 def test_names_and_unknown():
@@ -36,7 +36,7 @@ def test_unknown_labels():
         spec.check_labels([1, 6])
     with pytest.raises(ValueError, match="unknown label name 'heart'"):
         spec.label_id("heart")
-    with pytest.raises(ValueError, match="unknown raw label value 300"):
+    with pytest.raises(ValueError, match=r"^unknown label value\(s\) \[300\] for CMR; valid: 0, 200, 500, 600$"):
         get_dataset_spec("CMR").map_raw_labels([300])
 
 
@@ -70,3 +70,31 @@ def test_folds_synth_and_errors():
     with pytest.raises(ValueError, match="too few"):
         get_dataset_spec("CHAOST2").fold_positions(0, 16)
     assert get_dataset_spec("SYNTH").fold_positions(4, 5) == [0, 4]
+
+
+def test_synth_is_chaos_with_its_own_size_and_no_raw_release():
+    chaos, synth = get_dataset_spec("CHAOST2"), get_dataset_spec("SYNTH")
+    for key in ("label_names", "raw_label_map", "test_labels", "modality", "orientation", "normalisation"):
+        assert getattr(synth, key) == getattr(chaos, key), key
+    assert (synth.n_sv, synth.spacing, synth.crop_size) == (1000, (6.5, 2.5, 2.5), (128, 128))
+    assert synth.raw_layout is None and synth.png_label_values is None and synth.case_ids == ()
+    assert synth.fold_step is None and synth.n_volumes is None
+    assert chaos.raw_layout == "chaos_dicom_png" and chaos.fold_step == 4 and len(chaos.case_ids) == 20
+
+
+def test_check_raw_values_message():
+    cmr = get_dataset_spec("CMR")
+    cmr.check_raw_values([0, 200, 500, 600], "patient1_C0_manual.nii.gz")  # all known: no error
+    with pytest.raises(ValueError, match=r"^patient1_C0_manual.nii.gz: unknown label value\(s\) \[1, 300\] for CMR; "
+                                         r"valid: 0, 200, 500, 600$"):
+        cmr.check_raw_values([300, 0, 1, 200, 300], "patient1_C0_manual.nii.gz")
+    with pytest.raises(ValueError, match=r"unknown label value\(s\) \[14, 15, 16, 17, 18, 19, 20, 21, 22, 23\] "
+                                         r"for SABS; valid: 0, 1, 2, .*, 13$"):
+        get_dataset_spec("SABS").check_raw_values(range(30), "x")  # at most ten listed
+
+
+def test_ct_window():
+    assert get_dataset_spec("SABS").intensity_window_hu == (-125.0, 275.0)
+    assert ct_window_hu(get_dataset_spec("SABS")) == (-125.0, 275.0)
+    assert get_dataset_spec("CHAOST2").intensity_window_hu is None
+    assert ct_window_hu(get_dataset_spec("CHAOST2")) == (-125.0, 275.0)  # CT scans fed to an MR model

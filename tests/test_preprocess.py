@@ -203,3 +203,30 @@ def test_resampled_size_by_hand(n, spacing, target, public, rounded):
 def test_resampled_size_rejects_unknown_rule():
     with pytest.raises(ValueError, match="resample size rule must be one of"):
         preprocess.resampled_size(10, 1.0, 1.0, "ceil")
+
+
+def test_png_grey_values_come_from_the_spec(tmp_path):
+    from dataclasses import replace
+
+    from dataloaders.dataset_specifics import get_dataset_spec
+
+    arr = np.zeros((H, W), np.uint8)
+    arr[2:5, 2:5] = 90
+    Image.fromarray(arr).save(tmp_path / "m.png")
+    with pytest.raises(ValueError, match=r"m.png: unexpected mask grey value\(s\) \[90\]; expected 0 or a value in "
+                                         r"55-70, 110-135, 175-200, 240-255$"):
+        preprocess.read_png_masks([tmp_path / "m.png"])
+    spec = replace(get_dataset_spec("CHAOST2"), png_label_values={2: (80, 100)})
+    lab = preprocess.read_png_masks([tmp_path / "m.png"], spec)
+    assert lab.shape == (1, H, W) and set(np.unique(lab).tolist()) == {0, 2} and lab[0, 3, 3] == 2
+
+
+def test_sabs_unknown_label(tmp_path):
+    raw = tmp_path / "raw"
+    lab = np.zeros((2, 80, 80), np.uint8)
+    lab[0, 40, 40] = 14
+    _write_nifti(raw / "img" / "img0001.nii.gz", np.zeros((2, 80, 80), np.int16), (0.7, 0.7, 3.0))
+    _write_nifti(raw / "label" / "label0001.nii.gz", lab, (0.7, 0.7, 3.0))
+    with pytest.raises(ValueError, match=r"label0001.nii.gz: unknown label value\(s\) \[14\] for SABS; valid: 0, 1, "
+                                         r"2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13$"):
+        preprocess.preprocess_dataset("SABS", raw, tmp_path / "out", verbose=False)
