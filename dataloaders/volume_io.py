@@ -19,7 +19,6 @@ import os
 import re
 import struct
 import zlib
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -29,6 +28,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from dataloaders.dataset_specifics import DatasetSpec
+from util.atomic_files import atomic_path
 
 __all__ = [
     "Case",
@@ -229,7 +229,8 @@ def write_nifti_like(array: np.ndarray, reference, path: PathLike) -> Path:
     Args:
         array: Volume [Z, H, W]; its shape must equal the reference's (Z, H, W).
         reference: ``SimpleITK.Image`` whose geometry is copied.
-        path: Output file (``.nii.gz``); written to a temporary file in the same folder, then renamed.
+        path: Output file (``.nii.gz``); written to a temporary file in the same folder, then renamed
+            (``util.atomic_files.atomic_path``); its folder is created when missing.
 
     Returns:
         The output path.
@@ -242,15 +243,8 @@ def write_nifti_like(array: np.ndarray, reference, path: PathLike) -> Path:
         raise ValueError(f"{path}: array shape {tuple(array.shape)} does not match reference shape {ref_shape}")
     img = sitk.GetImageFromArray(np.ascontiguousarray(array))
     img.CopyInformation(reference)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".nii.gz", dir=str(path.parent))
-    os.close(fd)
-    try:
-        sitk.WriteImage(img, tmp, True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(img, str(tmp), True)
     return path
 
 

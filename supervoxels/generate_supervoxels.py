@@ -40,11 +40,11 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from dataloaders.volume_io import read_nifti
+from dataloaders.volume_io import read_nifti, write_nifti_like
 from supervoxels.felzenszwalb import felzenszwalb_3d
+from util.atomic_files import stale_temporaries
 
 IMAGE_PATTERN = re.compile(r"^image_(.+)\.nii\.gz$")
-TMP_MARK = ".tmp"  # hidden ".superpix-MIDDLE_<id>.tmp<pid>.nii.gz" files being written
 _STRUCT_2D_8 = np.ones((3, 3), dtype=bool)
 
 
@@ -172,45 +172,12 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def write_atomic(array: np.ndarray, reference, path: Path) -> None:
-    """Write ``array`` with the geometry of the SimpleITK image ``reference`` to ``path`` atomically.
-
-    The file is written under a temporary name in the same folder and renamed with ``os.replace``, so a
-    crash never leaves a truncated ``path``.
-    """
-    import SimpleITK as sitk
-
-    out = sitk.GetImageFromArray(array)
-    out.CopyInformation(reference)
-    tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}{TMP_MARK}{os.getpid()}.nii.gz")
-    try:
-        sitk.WriteImage(out, str(tmp), True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def remove_stale_temporaries(out_dir: Path) -> int:
     """Delete half-written outputs left by a killed earlier run (their writer is gone); returns the count."""
-    removed = 0
-    for tmp in out_dir.glob(f".superpix-MIDDLE_*{TMP_MARK}*.nii.gz"):
-        pid = tmp.name.rsplit(TMP_MARK, 1)[1][: -len(".nii.gz")]
-        if pid.isdigit() and _alive(int(pid)):
-            continue  # another run writing into the same folder right now
+    stale = stale_temporaries(out_dir, output_path(out_dir, "*").name)
+    for tmp in stale:
         tmp.unlink(missing_ok=True)
-        removed += 1
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return len(stale)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -266,7 +233,7 @@ def process_case(
         warning = ""
         if n == 0:
             warning = f"{image_path}: no foreground above --fg-thresh {fg_thresh:g}; wrote an all-background volume"
-        write_atomic(labels, image, target)
+        write_nifti_like(labels, image, target)  # atomic: a killed run leaves no truncated output
     except Exception as exc:  # noqa: BLE001 - reported per file, the run goes on
         message = str(exc) if isinstance(exc, ValueError) else _one_line(exc)
         message = message.removeprefix(f"{image_path}: ")
