@@ -27,6 +27,7 @@ from sacred import SETTINGS, Experiment
 from sacred.observers import FileStorageObserver
 
 from dataloaders.dataset_specifics import DATASETS, get_dataset_spec
+from dataloaders.volume_io import supervoxel_dir
 from models.pretrained import WEIGHT_NAMES, WeightsUnavailable, resolve_named_weights
 from util.amp import AMP_MODES
 from util.distributed import is_main_process
@@ -379,7 +380,7 @@ def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervox
         _require(data_dir.is_dir(), f"config key 'data_dir'/'data_root': data folder {data_dir} does not exist "
                                     f"(prepare it with script/prepare_data.sh or set data_root=...)")
     cfg["data_dir"] = str(data_dir)
-    sv_dir = repo_path(cfg["supervoxel_dir"]) if cfg["supervoxel_dir"] else data_dir / f"supervoxels_{cfg['n_sv']}"
+    sv_dir = repo_path(cfg["supervoxel_dir"]) if cfg["supervoxel_dir"] else supervoxel_dir(data_dir, cfg["n_sv"])
     if need_data and need_supervoxels and not cfg["use_gt"]:
         _require(sv_dir.is_dir(), f"config key 'supervoxel_dir': {sv_dir} does not exist (generate it with "
                                   f"supervoxels/generate_supervoxels.py --data-dir {data_dir} --n-sv {cfg['n_sv']})")

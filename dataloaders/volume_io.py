@@ -6,6 +6,9 @@ On-disk layout of a data set folder (docs/protocol.md, "Data on disk")::
     <data_dir>/label_<id>.nii.gz
     <data_dir>/supervoxels_<n_sv>/superpix-MIDDLE_<id>.nii.gz
 
+These names are built and listed by ``image_path``, ``label_path``, ``supervoxel_dir``, ``supervoxel_file``
+and ``list_images``; the pre-processing, the synthetic data set, the supervoxel CLI and the config use them.
+
 Arrays are (Z, H, W): slices along axis 0; spacing is (z, y, x) in mm. Every error is one line that names the
 file and what was wrong.
 
@@ -32,9 +35,12 @@ from util.atomic_files import atomic_path
 
 __all__ = [
     "Case",
+    "list_images",
     "list_case_ids",
     "image_path",
     "label_path",
+    "supervoxel_dir",
+    "supervoxel_file",
     "supervoxel_path",
     "read_nifti",
     "count_nonfinite_nifti",
@@ -47,7 +53,7 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-_IMAGE_RE = re.compile(r"^image_(\d+)\.nii\.gz$")
+_IMAGE_RE = re.compile(r"^image_(.+)\.nii\.gz$")
 
 
 @dataclass
@@ -87,21 +93,59 @@ def label_path(data_dir: PathLike, case_id: int) -> Path:
     return Path(data_dir) / f"label_{int(case_id)}.nii.gz"
 
 
+def supervoxel_dir(data_dir: PathLike, n_sv: int) -> Path:
+    """Default folder of a data set's supervoxels: ``<data_dir>/supervoxels_<n_sv>``."""
+    return Path(data_dir) / f"supervoxels_{int(n_sv)}"
+
+
+def supervoxel_file(sv_dir: PathLike, case_id: Union[int, str]) -> Path:
+    """Path of ``superpix-MIDDLE_<id>.nii.gz`` in a supervoxel folder.
+
+    Args:
+        sv_dir: The supervoxel folder.
+        case_id: The id as it stands in the image's file name (``list_images`` gives strings such as
+            ``"007"``, kept as they are), or an int.
+    """
+    return Path(sv_dir) / f"superpix-MIDDLE_{case_id}.nii.gz"
+
+
 def supervoxel_path(data_dir: PathLike, case_id: int, n_sv: int) -> Path:
     """Path of ``supervoxels_<n_sv>/superpix-MIDDLE_<id>.nii.gz``."""
-    return Path(data_dir) / f"supervoxels_{int(n_sv)}" / f"superpix-MIDDLE_{int(case_id)}.nii.gz"
+    return supervoxel_file(supervoxel_dir(data_dir, n_sv), int(case_id))
+
+
+def _id_sort_key(case_id: str) -> tuple:
+    # numeric ids in numeric order (2 before 10), then the others by name; isdecimal is what \d and int() take
+    return (0, int(case_id), "") if case_id.isdecimal() else (1, 0, case_id)
+
+
+def list_images(data_dir: PathLike) -> list[tuple[str, Path]]:
+    """``(id, path)`` of every ``image_<id>.nii.gz`` file of a folder.
+
+    Ids are strings as they stand in the file names (``"2"``, ``"007"``, ``"liver_a"``): numeric ones first,
+    in numeric order, then the others by name. Entries that are not files are left out.
+
+    Raises:
+        FileNotFoundError: The folder does not exist.
+    """
+    found = []
+    for path in Path(data_dir).iterdir():
+        match = _IMAGE_RE.match(path.name)
+        if match and path.is_file():
+            found.append((match.group(1), path))
+    return sorted(found, key=lambda item: _id_sort_key(item[0]))
 
 
 def list_case_ids(data_dir: PathLike) -> list:
-    """Ids of the ``image_<id>.nii.gz`` files of a folder, sorted numerically.
+    """Numeric ids of the ``image_<id>.nii.gz`` files of a folder, sorted numerically (others are ignored).
 
     Raises:
-        FileNotFoundError: The folder does not exist or holds no image_<id>.nii.gz file.
+        FileNotFoundError: The folder does not exist or holds no image_<id>.nii.gz file with a numeric id.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir}: data folder not found")
-    ids = sorted(int(m.group(1)) for p in data_dir.iterdir() if (m := _IMAGE_RE.match(p.name)))
+    ids = [int(case_id) for case_id, _ in list_images(data_dir) if case_id.isdecimal()]
     if not ids:
         raise FileNotFoundError(f"{data_dir}: no image_<id>.nii.gz files in the data folder")
     return ids
@@ -356,10 +400,7 @@ def load_case(
 
     supervoxels = None
     if n_sv is not None:
-        if sv_dir is None:
-            spath = supervoxel_path(data_dir, case_id, n_sv)
-        else:
-            spath = Path(sv_dir) / f"superpix-MIDDLE_{int(case_id)}.nii.gz"
+        spath = supervoxel_file(supervoxel_dir(data_dir, n_sv) if sv_dir is None else sv_dir, int(case_id))
         sv, _ = read_nifti(spath)
         _check_shape(sv, shape, spath, "supervoxel", ipath)
         if sv.dtype.kind == "f":

@@ -29,7 +29,6 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import os
-import re
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -40,11 +39,10 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from dataloaders.volume_io import read_nifti, write_nifti_like
+from dataloaders.volume_io import list_images, read_nifti, supervoxel_file, write_nifti_like
 from supervoxels.felzenszwalb import felzenszwalb_3d
 from util.atomic_files import stale_temporaries
 
-IMAGE_PATTERN = re.compile(r"^image_(.+)\.nii\.gz$")
 _STRUCT_2D_8 = np.ones((3, 3), dtype=bool)
 
 
@@ -146,25 +144,6 @@ def supervoxelize_volume(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _id_sort_key(case_id: str):
-    return (0, int(case_id), "") if case_id.isdigit() else (1, 0, case_id)
-
-
-def list_images(data_dir: Path) -> list[tuple[str, Path]]:
-    """``(id, path)`` of every ``image_<id>.nii.gz`` in data_dir, numeric ids in numeric order."""
-    found = []
-    for path in data_dir.iterdir():
-        match = IMAGE_PATTERN.match(path.name)
-        if match and path.is_file():
-            found.append((match.group(1), path))
-    return sorted(found, key=lambda item: _id_sort_key(item[0]))
-
-
-def output_path(out_dir: Path, case_id: str) -> Path:
-    """Path of the supervoxel file of case ``case_id``."""
-    return out_dir / f"superpix-MIDDLE_{case_id}.nii.gz"
-
-
 def _one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     # SimpleITK puts the useful part ("... does not exist", "Unable to determine ImageIO ...") last.
@@ -174,7 +153,7 @@ def _one_line(exc: BaseException) -> str:
 
 def remove_stale_temporaries(out_dir: Path) -> int:
     """Delete half-written outputs left by a killed earlier run (their writer is gone); returns the count."""
-    stale = stale_temporaries(out_dir, output_path(out_dir, "*").name)
+    stale = stale_temporaries(out_dir, supervoxel_file(out_dir, "*").name)
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return len(stale)
@@ -220,7 +199,7 @@ def process_case(
 ) -> Result:
     """Read one image, compute its supervoxels and write them; never raises (errors go in the result)."""
     start = time.perf_counter()
-    target = output_path(out_dir, case_id)
+    target = supervoxel_file(out_dir, case_id)
     if target.exists() and not overwrite:
         return Result(case_id, image_path, "skipped")
     try:

@@ -4,7 +4,8 @@ import pytest
 import SimpleITK as sitk
 
 from dataloaders.dataset_specifics import get_dataset_spec
-from dataloaders.volume_io import count_nonfinite_nifti, list_case_ids, load_case, load_cases, read_nifti, write_nifti_like
+from dataloaders.volume_io import (count_nonfinite_nifti, list_case_ids, list_images, load_case, load_cases, read_nifti,
+                                   supervoxel_file, supervoxel_path, write_nifti_like)
 
 SPEC = get_dataset_spec("CHAOST2")
 
@@ -40,6 +41,18 @@ def test_list_and_load(data_dir):
     assert case.spacing == pytest.approx((7.7, 1.25, 1.25))
     cases = load_cases(data_dir, [2, 10], SPEC, n_sv=None, load_label=False)
     assert [c.case_id for c in cases] == [2, 10] and cases[0].label is None and cases[0].supervoxels is None
+
+
+def test_listing_keeps_ids_as_named_and_numeric_ids_first(tmp_path):
+    for name in ("image_10.nii.gz", "image_007.nii.gz", "image_b.nii.gz", "image_2.nii.gz", "label_3.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "image_5.nii.gz").mkdir()  # not a file
+    assert [cid for cid, _ in list_images(tmp_path)] == ["2", "007", "10", "b"]
+    assert list_images(tmp_path)[1][1] == tmp_path / "image_007.nii.gz"
+    assert list_case_ids(tmp_path) == [2, 7, 10]
+    # the CLI's string ids name files as they stand; the loader's int ids name them in decimal
+    assert supervoxel_file(tmp_path, "007").name == "superpix-MIDDLE_007.nii.gz"
+    assert supervoxel_path(tmp_path, 7, 1000) == tmp_path / "supervoxels_1000" / "superpix-MIDDLE_7.nii.gz"
 
 
 def test_load_cases_workers(data_dir):
