@@ -28,15 +28,15 @@ from sacred.observers import FileStorageObserver
 
 from dataloaders.dataset_specifics import DATASETS, get_dataset_spec
 from dataloaders.volume_io import supervoxel_dir
+from models.dmap import DMAP_MODES
+from models.encoder import BACKBONES
 from models.pretrained import WEIGHT_NAMES, WeightsUnavailable, resolve_named_weights
 from util.amp import AMP_MODES
 from util.distributed import is_main_process
 
 REPO_ROOT = Path(__file__).resolve().parent
-DMAP_MODES = ("learned", "fixed", "off")
 SAMPLERS = ("public", "valid_windows")
 AUGMENT_PROFILES = ("public", "compact")
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 # tqdm and DataLoader workers do not mix with Sacred's stdout capture
 SETTINGS.CAPTURE_MODE = "no"
