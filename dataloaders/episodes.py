@@ -52,13 +52,12 @@ from torch.utils.data import Dataset
 from dataloaders.dataset_specifics import DatasetSpec
 from dataloaders.transforms import (AUGMENT_PROFILES, AugmentParams, augment_pair, augment_params,
                                    gamma_transform, geometric_transform)
-from dataloaders.volume_io import Case, _compact, load_cases
+from dataloaders.volume_io import Case, compact_labels, load_cases
 
 __all__ = [
     "SupervoxelEpisodes",
     "GroundTruthEpisodes",
     "excluded_slices",
-    "compact_labels",
     "build_training_cases",
     "build_training_episodes",
 ]
@@ -67,14 +66,6 @@ _EXCLUDE_MODES = ("any", "all")
 SAMPLERS = ("public", "valid_windows")
 _MAX_AUG_TRIES = 5
 _MAX_DRAWS = 100_000  # public sampler: redraws before giving up (the acceptance rate is far above 1e-5)
-
-
-def compact_labels(volume: np.ndarray) -> np.ndarray:
-    """Cast a non-negative integer volume to the smallest unsigned dtype holding its values (uint8/16/32).
-
-    No copy when it already has that dtype.
-    """
-    return _compact(volume)
 
 
 def excluded_slices(label: np.ndarray, exclude_labels: Sequence[int], mode: str = "any") -> np.ndarray:

@@ -48,6 +48,7 @@ __all__ = [
     "read_direction",
     "write_nifti_like",
     "zscore",
+    "compact_labels",
     "load_case",
     "load_cases",
 ]
@@ -309,8 +310,11 @@ def zscore(image: np.ndarray, path: PathLike = "<array>") -> np.ndarray:
     return out
 
 
-def _compact(volume: np.ndarray) -> np.ndarray:
-    """Non-negative integer volume in the smallest unsigned dtype holding its values (uint8/16/32)."""
+def compact_labels(volume: np.ndarray) -> np.ndarray:
+    """Cast a non-negative integer volume to the smallest unsigned dtype holding its values (uint8/16/32).
+
+    No copy when it already has that dtype.
+    """
     vmax = int(volume.max()) if volume.size else 0
     dtype = np.uint8 if vmax < 2**8 else np.uint16 if vmax < 2**16 else np.uint32
     return volume.astype(dtype, copy=False)
@@ -408,7 +412,7 @@ def load_case(
                 raise ValueError(f"{spath}: supervoxel volume contains non-integer or non-finite values")
         if sv.size and sv.min() < 0:
             raise ValueError(f"{spath}: supervoxel ids must be >= 0, found {int(sv.min())}")
-        supervoxels = _compact(sv) if compact else sv.astype(np.int32, copy=False)
+        supervoxels = compact_labels(sv) if compact else sv.astype(np.int32, copy=False)
 
     return Case(
         case_id=int(case_id),

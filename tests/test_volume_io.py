@@ -4,8 +4,8 @@ import pytest
 import SimpleITK as sitk
 
 from dataloaders.dataset_specifics import get_dataset_spec
-from dataloaders.volume_io import (count_nonfinite_nifti, list_case_ids, list_images, load_case, load_cases, read_nifti,
-                                   supervoxel_file, supervoxel_path, write_nifti_like)
+from dataloaders.volume_io import (compact_labels, count_nonfinite_nifti, list_case_ids, list_images, load_case,
+                                   load_cases, read_nifti, supervoxel_file, supervoxel_path, write_nifti_like)
 
 SPEC = get_dataset_spec("CHAOST2")
 
@@ -153,6 +153,15 @@ def test_compact_and_sv_dir(data_dir, tmp_path):
     write_nifti_like(arr, ref, other / "superpix-MIDDLE_2.nii.gz")
     case2 = load_case(data_dir, 2, SPEC, n_sv=5000, sv_dir=other)
     assert np.array_equal(case2.supervoxels, case.supervoxels)
+
+
+def test_compact_labels_picks_the_smallest_unsigned_dtype():
+    for vmax, dtype in ((255, np.uint8), (256, np.uint16), (65535, np.uint16), (65536, np.uint32)):
+        out = compact_labels(np.array([[0, vmax]], np.int32))
+        assert out.dtype == dtype and out.tolist() == [[0, vmax]]
+    small = np.zeros((2, 3), np.uint8)
+    assert compact_labels(small) is small  # already compact: no copy
+    assert compact_labels(np.zeros((0, 4), np.int64)).dtype == np.uint8
 
 
 @pytest.mark.real_data
