@@ -27,15 +27,17 @@ from sacred import SETTINGS, Experiment
 from sacred.observers import FileStorageObserver
 
 from dataloaders.dataset_specifics import DATASETS, get_dataset_spec
+from dataloaders.episodes import EXCLUDE_MODES, SAMPLERS
+from dataloaders.volume_io import supervoxel_dir
+from dataloaders.transforms import AUGMENT_PROFILES
+from models.dmap import DMAP_MODES
+from models.encoder import BACKBONES
 from models.pretrained import WEIGHT_NAMES, WeightsUnavailable, resolve_named_weights
 from util.amp import AMP_MODES
 from util.distributed import is_main_process
 
 REPO_ROOT = Path(__file__).resolve().parent
-DMAP_MODES = ("learned", "fixed", "off")
-SAMPLERS = ("public", "valid_windows")
-AUGMENT_PROFILES = ("public", "compact")
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+AUGMENT_PROFILE_NAMES = tuple(AUGMENT_PROFILES)
 
 # tqdm and DataLoader workers do not mix with Sacred's stdout capture
 SETTINGS.CAPTURE_MODE = "no"
@@ -323,11 +325,11 @@ def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervox
     _require(isinstance(cfg["eval_fold"], int) and 0 <= cfg["eval_fold"] < spec.n_folds,
              f"config key 'eval_fold' is {cfg['eval_fold']!r}; expected 0..{spec.n_folds - 1}")
     _require(cfg["setting"] in (1, 2), f"config key 'setting' is {cfg['setting']!r}; expected 1 or 2")
-    _require(cfg["exclude_mode"] in ("any", "all"),
+    _require(cfg["exclude_mode"] in EXCLUDE_MODES,
              f"config key 'exclude_mode' is {cfg['exclude_mode']!r}; expected 'any' or 'all'")
     _require(cfg["sampler"] in SAMPLERS, f"config key 'sampler' is {cfg['sampler']!r}; expected one of {SAMPLERS}")
-    _require(cfg["augment_profile"] in AUGMENT_PROFILES,
-             f"config key 'augment_profile' is {cfg['augment_profile']!r}; expected one of {AUGMENT_PROFILES}")
+    _require(cfg["augment_profile"] in AUGMENT_PROFILE_NAMES,
+             f"config key 'augment_profile' is {cfg['augment_profile']!r}; expected one of {AUGMENT_PROFILE_NAMES}")
     _require(cfg["eval_step"] is None or (isinstance(cfg["eval_step"], int) and cfg["eval_step"] >= 0),
              f"config key 'eval_step' is {cfg['eval_step']!r}; expected an integer >= 0 (0 or None: final.pth)")
     model = cfg["model"]
@@ -377,7 +379,7 @@ def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervox
         _require(data_dir.is_dir(), f"config key 'data_dir'/'data_root': data folder {data_dir} does not exist "
                                     f"(prepare it with script/prepare_data.sh or set data_root=...)")
     cfg["data_dir"] = str(data_dir)
-    sv_dir = repo_path(cfg["supervoxel_dir"]) if cfg["supervoxel_dir"] else data_dir / f"supervoxels_{cfg['n_sv']}"
+    sv_dir = repo_path(cfg["supervoxel_dir"]) if cfg["supervoxel_dir"] else supervoxel_dir(data_dir, cfg["n_sv"])
     if need_data and need_supervoxels and not cfg["use_gt"]:
         _require(sv_dir.is_dir(), f"config key 'supervoxel_dir': {sv_dir} does not exist (generate it with "
                                   f"supervoxels/generate_supervoxels.py --data-dir {data_dir} --n-sv {cfg['n_sv']})")

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from inference.model_space import (MODALITIES, check_same_geometry, check_scan, read_scan, to_model_space)
 from inference.predict import AMP_MODES, load_predictor, predict_query
+from util.atomic_files import atomic_write_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,12 +78,6 @@ def collect_queries(queries: Sequence[Path], query_dir: Optional[Path]) -> list[
         if other != path:
             raise ValueError(f"{path}: same output name {query_name(path)!r} as {other}")
     return found
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _save_overlays(folder: Path, image: np.ndarray, seg: np.ndarray, direction: tuple, n: int) -> list[Path]:
@@ -168,12 +162,12 @@ def run(args: argparse.Namespace) -> int:
                 write_nifti_like(prob, image, args.out_dir / f"{name}_prob_{label}.nii.gz")
         _save_overlays(args.out_dir / f"{name}_overlays", sitk.GetArrayViewFromImage(image),
                        result["segmentation"], image.GetDirection(), args.overlays)
-        _write_json(args.out_dir / f"{name}_seg.json", {
+        atomic_write_text(args.out_dir / f"{name}_seg.json", json.dumps({
             "query": str(path), "segmentation": str(seg_path), "checkpoint": str(args.checkpoint),
             "support_image": str(args.support_image), "support_label": str(args.support_label),
             "modality": modality, "labels": {str(k): v for k, v in result["labels"].items()},
             "query_steps": scan.steps, "support_steps": support.steps, "seconds": round(result["seconds"], 2),
-        })
+        }, indent=2))
         parts = []
         for label, info in result["labels"].items():
             where = (f"slices {info['slice_range'][0]}-{info['slice_range'][1]} ({info['source']})"

@@ -46,12 +46,13 @@ def main() -> int:
     torch.set_num_threads(1)
     from dataloaders.dataset_specifics import get_dataset_spec
     from dataloaders.episodes import SupervoxelEpisodes, build_training_cases
+    from dataloaders.volume_io import supervoxel_dir
 
     spec = get_dataset_spec("CHAOST2")
     tmp = None
     sv_dir = args.sv_dir
     gen_s = 0.0
-    if sv_dir is None and not (args.data_dir / f"supervoxels_{spec.n_sv}").is_dir():
+    if sv_dir is None and not supervoxel_dir(args.data_dir, spec.n_sv).is_dir():
         tmp = tempfile.TemporaryDirectory(prefix="bench_sv_")
         sv_dir = Path(tmp.name)
         t = time.perf_counter()

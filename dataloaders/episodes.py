@@ -53,29 +53,20 @@ from dataloaders.dataset_specifics import DatasetSpec
 from dataloaders.folds import fold_volume_ids
 from dataloaders.transforms import (AUGMENT_PROFILES, AugmentParams, augment_pair, augment_params,
                                    gamma_transform, geometric_transform)
-from dataloaders.volume_io import Case, _compact, load_cases
+from dataloaders.volume_io import Case, compact_labels, load_cases
 
 __all__ = [
     "SupervoxelEpisodes",
     "GroundTruthEpisodes",
     "excluded_slices",
-    "compact_labels",
     "build_training_cases",
     "build_training_episodes",
 ]
 
-_EXCLUDE_MODES = ("any", "all")
+EXCLUDE_MODES = ("any", "all")
 SAMPLERS = ("public", "valid_windows")
 _MAX_AUG_TRIES = 5
 _MAX_DRAWS = 100_000  # public sampler: redraws before giving up (the acceptance rate is far above 1e-5)
-
-
-def compact_labels(volume: np.ndarray) -> np.ndarray:
-    """Cast a non-negative integer volume to the smallest unsigned dtype holding its values (uint8/16/32).
-
-    No copy when it already has that dtype.
-    """
-    return _compact(volume)
 
 
 def excluded_slices(label: np.ndarray, exclude_labels: Sequence[int], mode: str = "any") -> np.ndarray:
@@ -90,8 +81,8 @@ def excluded_slices(label: np.ndarray, exclude_labels: Sequence[int], mode: str 
     Returns:
         bool [Z], True for excluded slices.
     """
-    if mode not in _EXCLUDE_MODES:
-        raise ValueError(f"exclude_mode must be one of {_EXCLUDE_MODES}, got {mode!r}")
+    if mode not in EXCLUDE_MODES:
+        raise ValueError(f"exclude_mode must be one of {EXCLUDE_MODES}, got {mode!r}")
     z = label.shape[0]
     if len(exclude_labels) == 0:
         return np.zeros(z, dtype=bool)
@@ -168,8 +159,8 @@ class _RegionEpisodes(Dataset):
             raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
         if int(n_shot) < 1:
             raise ValueError(f"n_shot must be >= 1, got {n_shot}")
-        if exclude_mode not in _EXCLUDE_MODES:
-            raise ValueError(f"exclude_mode must be one of {_EXCLUDE_MODES}, got {exclude_mode!r}")
+        if exclude_mode not in EXCLUDE_MODES:
+            raise ValueError(f"exclude_mode must be one of {EXCLUDE_MODES}, got {exclude_mode!r}")
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if sampler not in SAMPLERS:

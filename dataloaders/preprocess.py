@@ -577,7 +577,7 @@ def preprocess_dataset(dataset: str, raw_dir: PathLike, out_dir: PathLike, ids: 
     Returns:
         Paths of the written image files.
     """
-    from dataloaders.volume_io import write_nifti_like
+    from dataloaders.volume_io import image_path, label_path, write_nifti_like
     import SimpleITK as sitk
 
     spec = get_dataset_spec(dataset)
@@ -593,8 +593,8 @@ def preprocess_dataset(dataset: str, raw_dir: PathLike, out_dir: PathLike, ids: 
     convert = _raw_layout(spec).convert
     for cid, paths in cases:
         img, lab = convert(paths, spec, size_rule)
-        ipath = write_nifti_like(sitk.GetArrayFromImage(img).astype(np.float32), img, out / f"image_{cid}.nii.gz")
-        write_nifti_like(sitk.GetArrayFromImage(lab), lab, out / f"label_{cid}.nii.gz")
+        ipath = write_nifti_like(sitk.GetArrayFromImage(img).astype(np.float32), img, image_path(out, cid))
+        write_nifti_like(sitk.GetArrayFromImage(lab), lab, label_path(out, cid))
         written.append(ipath)
         if verbose:
             print(f"{spec.name} {paths[0]} -> {ipath.name} shape {tuple(reversed(img.GetSize()))} "

@@ -239,7 +239,7 @@ def generate_synthetic_dataset(
     Returns:
         Paths of the written image files, in id order.
     """
-    from dataloaders.volume_io import write_nifti_like  # lazy: SimpleITK import
+    from dataloaders.volume_io import image_path, label_path, write_nifti_like  # lazy: SimpleITK import
     import SimpleITK as sitk
 
     if n_volumes < 1:
@@ -263,8 +263,8 @@ def generate_synthetic_dataset(
         half = (size - 1) / 2.0 * spacing[1]
         ref.SetOrigin((-half, half, 0.0))
         case_id = i + 1
-        paths.append(write_nifti_like(image, ref, out / f"image_{case_id}.nii.gz"))
-        write_nifti_like(label, ref, out / f"label_{case_id}.nii.gz")
+        paths.append(write_nifti_like(image, ref, image_path(out, case_id)))
+        write_nifti_like(label, ref, label_path(out, case_id))
     return paths
 
 

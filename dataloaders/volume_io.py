@@ -6,6 +6,9 @@ On-disk layout of a data set folder (docs/protocol.md, "Data on disk")::
     <data_dir>/label_<id>.nii.gz
     <data_dir>/supervoxels_<n_sv>/superpix-MIDDLE_<id>.nii.gz
 
+These names are built and listed by ``image_path``, ``label_path``, ``supervoxel_dir``, ``supervoxel_file``
+and ``list_images``; the pre-processing, the synthetic data set, the supervoxel CLI and the config use them.
+
 Arrays are (Z, H, W): slices along axis 0; spacing is (z, y, x) in mm. Every error is one line that names the
 file and what was wrong.
 
@@ -19,7 +22,6 @@ import os
 import re
 import struct
 import zlib
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -29,12 +31,16 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from dataloaders.dataset_specifics import DatasetSpec
+from util.atomic_files import atomic_path
 
 __all__ = [
     "Case",
+    "list_images",
     "list_case_ids",
     "image_path",
     "label_path",
+    "supervoxel_dir",
+    "supervoxel_file",
     "supervoxel_path",
     "read_nifti",
     "count_nonfinite_nifti",
@@ -42,12 +48,13 @@ __all__ = [
     "read_direction",
     "write_nifti_like",
     "zscore",
+    "compact_labels",
     "load_case",
     "load_cases",
 ]
 
 PathLike = Union[str, os.PathLike]
-_IMAGE_RE = re.compile(r"^image_(\d+)\.nii\.gz$")
+_IMAGE_RE = re.compile(r"^image_(.+)\.nii\.gz$")
 
 
 @dataclass
@@ -87,21 +94,59 @@ def label_path(data_dir: PathLike, case_id: int) -> Path:
     return Path(data_dir) / f"label_{int(case_id)}.nii.gz"
 
 
+def supervoxel_dir(data_dir: PathLike, n_sv: int) -> Path:
+    """Default folder of a data set's supervoxels: ``<data_dir>/supervoxels_<n_sv>``."""
+    return Path(data_dir) / f"supervoxels_{int(n_sv)}"
+
+
+def supervoxel_file(sv_dir: PathLike, case_id: Union[int, str]) -> Path:
+    """Path of ``superpix-MIDDLE_<id>.nii.gz`` in a supervoxel folder.
+
+    Args:
+        sv_dir: The supervoxel folder.
+        case_id: The id as it stands in the image's file name (``list_images`` gives strings such as
+            ``"007"``, kept as they are), or an int.
+    """
+    return Path(sv_dir) / f"superpix-MIDDLE_{case_id}.nii.gz"
+
+
 def supervoxel_path(data_dir: PathLike, case_id: int, n_sv: int) -> Path:
     """Path of ``supervoxels_<n_sv>/superpix-MIDDLE_<id>.nii.gz``."""
-    return Path(data_dir) / f"supervoxels_{int(n_sv)}" / f"superpix-MIDDLE_{int(case_id)}.nii.gz"
+    return supervoxel_file(supervoxel_dir(data_dir, n_sv), int(case_id))
+
+
+def _id_sort_key(case_id: str) -> tuple:
+    # numeric ids in numeric order (2 before 10), then the others by name; isdecimal is what \d and int() take
+    return (0, int(case_id), "") if case_id.isdecimal() else (1, 0, case_id)
+
+
+def list_images(data_dir: PathLike) -> list[tuple[str, Path]]:
+    """``(id, path)`` of every ``image_<id>.nii.gz`` file of a folder.
+
+    Ids are strings as they stand in the file names (``"2"``, ``"007"``, ``"liver_a"``): numeric ones first,
+    in numeric order, then the others by name. Entries that are not files are left out.
+
+    Raises:
+        FileNotFoundError: The folder does not exist.
+    """
+    found = []
+    for path in Path(data_dir).iterdir():
+        match = _IMAGE_RE.match(path.name)
+        if match and path.is_file():
+            found.append((match.group(1), path))
+    return sorted(found, key=lambda item: _id_sort_key(item[0]))
 
 
 def list_case_ids(data_dir: PathLike) -> list:
-    """Ids of the ``image_<id>.nii.gz`` files of a folder, sorted numerically.
+    """Numeric ids of the ``image_<id>.nii.gz`` files of a folder, sorted numerically (others are ignored).
 
     Raises:
-        FileNotFoundError: The folder does not exist or holds no image_<id>.nii.gz file.
+        FileNotFoundError: The folder does not exist or holds no image_<id>.nii.gz file with a numeric id.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir}: data folder not found")
-    ids = sorted(int(m.group(1)) for p in data_dir.iterdir() if (m := _IMAGE_RE.match(p.name)))
+    ids = [int(case_id) for case_id, _ in list_images(data_dir) if case_id.isdecimal()]
     if not ids:
         raise FileNotFoundError(f"{data_dir}: no image_<id>.nii.gz files in the data folder")
     return ids
@@ -229,7 +274,8 @@ def write_nifti_like(array: np.ndarray, reference, path: PathLike) -> Path:
     Args:
         array: Volume [Z, H, W]; its shape must equal the reference's (Z, H, W).
         reference: ``SimpleITK.Image`` whose geometry is copied.
-        path: Output file (``.nii.gz``); written to a temporary file in the same folder, then renamed.
+        path: Output file (``.nii.gz``); written to a temporary file in the same folder, then renamed
+            (``util.atomic_files.atomic_path``); its folder is created when missing.
 
     Returns:
         The output path.
@@ -242,15 +288,8 @@ def write_nifti_like(array: np.ndarray, reference, path: PathLike) -> Path:
         raise ValueError(f"{path}: array shape {tuple(array.shape)} does not match reference shape {ref_shape}")
     img = sitk.GetImageFromArray(np.ascontiguousarray(array))
     img.CopyInformation(reference)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".nii.gz", dir=str(path.parent))
-    os.close(fd)
-    try:
-        sitk.WriteImage(img, tmp, True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(img, str(tmp), True)
     return path
 
 
@@ -271,8 +310,11 @@ def zscore(image: np.ndarray, path: PathLike = "<array>") -> np.ndarray:
     return out
 
 
-def _compact(volume: np.ndarray) -> np.ndarray:
-    """Non-negative integer volume in the smallest unsigned dtype holding its values (uint8/16/32)."""
+def compact_labels(volume: np.ndarray) -> np.ndarray:
+    """Cast a non-negative integer volume to the smallest unsigned dtype holding its values (uint8/16/32).
+
+    No copy when it already has that dtype.
+    """
     vmax = int(volume.max()) if volume.size else 0
     dtype = np.uint8 if vmax < 2**8 else np.uint16 if vmax < 2**16 else np.uint32
     return volume.astype(dtype, copy=False)
@@ -356,10 +398,7 @@ def load_case(
 
     supervoxels = None
     if n_sv is not None:
-        if sv_dir is None:
-            spath = supervoxel_path(data_dir, case_id, n_sv)
-        else:
-            spath = Path(sv_dir) / f"superpix-MIDDLE_{int(case_id)}.nii.gz"
+        spath = supervoxel_file(supervoxel_dir(data_dir, n_sv) if sv_dir is None else sv_dir, int(case_id))
         sv, _ = read_nifti(spath)
         _check_shape(sv, shape, spath, "supervoxel", ipath)
         if sv.dtype.kind == "f":
@@ -367,7 +406,7 @@ def load_case(
                 raise ValueError(f"{spath}: supervoxel volume contains non-integer or non-finite values")
         if sv.size and sv.min() < 0:
             raise ValueError(f"{spath}: supervoxel ids must be >= 0, found {int(sv.min())}")
-        supervoxels = _compact(sv) if compact else sv.astype(np.int32, copy=False)
+        supervoxels = compact_labels(sv) if compact else sv.astype(np.int32, copy=False)
 
     return Case(
         case_id=int(case_id),

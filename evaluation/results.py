@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from evaluation.scores import METHODS, SCORES
+from util.atomic_files import atomic_path, atomic_write_text
 
 __all__ = ["write_results", "format_table", "clear_results"]
 
@@ -17,13 +17,12 @@ RESULT_FOLDERS = ("predictions", "overlays")
 
 
 def write_results(summary: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """``results.json`` (everything) and ``results.csv`` (one row per support, class, query and method)."""
+    """``results.json`` (everything) and ``results.csv`` (one row per support, class, query and method), each
+    written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = (out_dir / name for name in RESULT_FILES)
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, json_path)
-    with open(csv_path, "w", newline="") as handle:
+    atomic_write_text(json_path, json.dumps(summary, indent=2))
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["support_id", "class", "query_id", "method", *SCORES, "n_slices"])
         for run in summary["supports"]:

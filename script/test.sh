@@ -9,17 +9,10 @@
 # Arguments are passed to test.py as Sacred overrides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. script/run_env.sh  # DATASET SETTING DATA_ROOT FOLDS MODE LOG_DIR PYTHON GPU
 
-DATASET=${DATASET:-CHAOST2}
-SETTING=${SETTING:-1}
-DATA_ROOT=${DATA_ROOT:-data}
-FOLDS=${FOLDS:-"0 1 2 3 4"}
 SUPP_IDX=${SUPP_IDX:-2}
 ROTATE=${ROTATE:-0}
-MODE=${MODE:-learned}
-LOG_DIR=${LOG_DIR:-runs}
-PYTHON=${PYTHON:-python}
-if [ -n "${GPU:-}" ]; then export CUDA_VISIBLE_DEVICES="$GPU"; fi
 rotate=False; [ "$ROTATE" = "1" ] && rotate=True
 
 for fold in $FOLDS; do

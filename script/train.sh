@@ -9,17 +9,10 @@
 # NPROC (1), PYTHON (python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. script/run_env.sh  # DATASET SETTING DATA_ROOT FOLDS MODE LOG_DIR PYTHON GPU
 
-DATASET=${DATASET:-CHAOST2}
-SETTING=${SETTING:-1}
-DATA_ROOT=${DATA_ROOT:-data}
-FOLDS=${FOLDS:-"0 1 2 3 4"}
 N_STEPS=${N_STEPS:-33000}
-MODE=${MODE:-learned}
-LOG_DIR=${LOG_DIR:-runs}
 NPROC=${NPROC:-1}
-PYTHON=${PYTHON:-python}
-if [ -n "${GPU:-}" ]; then export CUDA_VISIBLE_DEVICES="$GPU"; fi
 
 if [ "$NPROC" -gt 1 ]; then
   launcher=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC")

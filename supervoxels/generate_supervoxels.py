@@ -29,7 +29,6 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import os
-import re
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -40,11 +39,10 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from dataloaders.volume_io import read_nifti
+from dataloaders.volume_io import list_images, read_nifti, supervoxel_dir, supervoxel_file, write_nifti_like
 from supervoxels.felzenszwalb import felzenszwalb_3d
+from util.atomic_files import stale_temporaries
 
-IMAGE_PATTERN = re.compile(r"^image_(.+)\.nii\.gz$")
-TMP_MARK = ".tmp"  # hidden ".superpix-MIDDLE_<id>.tmp<pid>.nii.gz" files being written
 _STRUCT_2D_8 = np.ones((3, 3), dtype=bool)
 
 
@@ -146,25 +144,6 @@ def supervoxelize_volume(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _id_sort_key(case_id: str):
-    return (0, int(case_id), "") if case_id.isdigit() else (1, 0, case_id)
-
-
-def list_images(data_dir: Path) -> list[tuple[str, Path]]:
-    """``(id, path)`` of every ``image_<id>.nii.gz`` in data_dir, numeric ids in numeric order."""
-    found = []
-    for path in data_dir.iterdir():
-        match = IMAGE_PATTERN.match(path.name)
-        if match and path.is_file():
-            found.append((match.group(1), path))
-    return sorted(found, key=lambda item: _id_sort_key(item[0]))
-
-
-def output_path(out_dir: Path, case_id: str) -> Path:
-    """Path of the supervoxel file of case ``case_id``."""
-    return out_dir / f"superpix-MIDDLE_{case_id}.nii.gz"
-
-
 def _one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     # SimpleITK puts the useful part ("... does not exist", "Unable to determine ImageIO ...") last.
@@ -172,45 +151,12 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def write_atomic(array: np.ndarray, reference, path: Path) -> None:
-    """Write ``array`` with the geometry of the SimpleITK image ``reference`` to ``path`` atomically.
-
-    The file is written under a temporary name in the same folder and renamed with ``os.replace``, so a
-    crash never leaves a truncated ``path``.
-    """
-    import SimpleITK as sitk
-
-    out = sitk.GetImageFromArray(array)
-    out.CopyInformation(reference)
-    tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}{TMP_MARK}{os.getpid()}.nii.gz")
-    try:
-        sitk.WriteImage(out, str(tmp), True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def remove_stale_temporaries(out_dir: Path) -> int:
     """Delete half-written outputs left by a killed earlier run (their writer is gone); returns the count."""
-    removed = 0
-    for tmp in out_dir.glob(f".superpix-MIDDLE_*{TMP_MARK}*.nii.gz"):
-        pid = tmp.name.rsplit(TMP_MARK, 1)[1][: -len(".nii.gz")]
-        if pid.isdigit() and _alive(int(pid)):
-            continue  # another run writing into the same folder right now
+    stale = stale_temporaries(out_dir, supervoxel_file(out_dir, "*").name)
+    for tmp in stale:
         tmp.unlink(missing_ok=True)
-        removed += 1
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return len(stale)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -253,7 +199,7 @@ def process_case(
 ) -> Result:
     """Read one image, compute its supervoxels and write them; never raises (errors go in the result)."""
     start = time.perf_counter()
-    target = output_path(out_dir, case_id)
+    target = supervoxel_file(out_dir, case_id)
     if target.exists() and not overwrite:
         return Result(case_id, image_path, "skipped")
     try:
@@ -266,7 +212,7 @@ def process_case(
         warning = ""
         if n == 0:
             warning = f"{image_path}: no foreground above --fg-thresh {fg_thresh:g}; wrote an all-background volume"
-        write_atomic(labels, image, target)
+        write_nifti_like(labels, image, target)  # atomic: a killed run leaves no truncated output
     except Exception as exc:  # noqa: BLE001 - reported per file, the run goes on
         message = str(exc) if isinstance(exc, ValueError) else _one_line(exc)
         message = message.removeprefix(f"{image_path}: ")
@@ -334,7 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cases = list_images(data_dir)
     if not cases:
         return _error(f"no image_<id>.nii.gz files in {data_dir}")
-    out_dir: Path = args.out_dir if args.out_dir is not None else data_dir / f"supervoxels_{args.n_sv}"
+    out_dir: Path = args.out_dir if args.out_dir is not None else supervoxel_dir(data_dir, args.n_sv)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

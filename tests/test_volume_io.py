@@ -4,7 +4,8 @@ import pytest
 import SimpleITK as sitk
 
 from dataloaders.dataset_specifics import get_dataset_spec
-from dataloaders.volume_io import count_nonfinite_nifti, list_case_ids, load_case, load_cases, read_nifti, write_nifti_like
+from dataloaders.volume_io import (compact_labels, count_nonfinite_nifti, list_case_ids, list_images, load_case,
+                                   load_cases, read_nifti, supervoxel_file, supervoxel_path, write_nifti_like)
 
 SPEC = get_dataset_spec("CHAOST2")
 
@@ -40,6 +41,18 @@ def test_list_and_load(data_dir):
     assert case.spacing == pytest.approx((7.7, 1.25, 1.25))
     cases = load_cases(data_dir, [2, 10], SPEC, n_sv=None, load_label=False)
     assert [c.case_id for c in cases] == [2, 10] and cases[0].label is None and cases[0].supervoxels is None
+
+
+def test_listing_keeps_ids_as_named_and_numeric_ids_first(tmp_path):
+    for name in ("image_10.nii.gz", "image_007.nii.gz", "image_b.nii.gz", "image_2.nii.gz", "label_3.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "image_5.nii.gz").mkdir()  # not a file
+    assert [cid for cid, _ in list_images(tmp_path)] == ["2", "007", "10", "b"]
+    assert list_images(tmp_path)[1][1] == tmp_path / "image_007.nii.gz"
+    assert list_case_ids(tmp_path) == [2, 7, 10]
+    # the CLI's string ids name files as they stand; the loader's int ids name them in decimal
+    assert supervoxel_file(tmp_path, "007").name == "superpix-MIDDLE_007.nii.gz"
+    assert supervoxel_path(tmp_path, 7, 1000) == tmp_path / "supervoxels_1000" / "superpix-MIDDLE_7.nii.gz"
 
 
 def test_load_cases_workers(data_dir):
@@ -140,6 +153,15 @@ def test_compact_and_sv_dir(data_dir, tmp_path):
     write_nifti_like(arr, ref, other / "superpix-MIDDLE_2.nii.gz")
     case2 = load_case(data_dir, 2, SPEC, n_sv=5000, sv_dir=other)
     assert np.array_equal(case2.supervoxels, case.supervoxels)
+
+
+def test_compact_labels_picks_the_smallest_unsigned_dtype():
+    for vmax, dtype in ((255, np.uint8), (256, np.uint16), (65535, np.uint16), (65536, np.uint32)):
+        out = compact_labels(np.array([[0, vmax]], np.int32))
+        assert out.dtype == dtype and out.tolist() == [[0, vmax]]
+    small = np.zeros((2, 3), np.uint8)
+    assert compact_labels(small) is small  # already compact: no copy
+    assert compact_labels(np.zeros((0, 4), np.int64)).dtype == np.uint8
 
 
 @pytest.mark.real_data

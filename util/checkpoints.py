@@ -5,12 +5,13 @@ import errno
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from util.atomic_files import atomic_path
 
 FINAL_NAME = "final.pth"
 STEP_PREFIX = "step_"
@@ -24,21 +25,17 @@ def step_checkpoint_name(step: int) -> str:
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``state`` with ``torch.save`` atomically.
 
-    The state goes to a temporary file in the destination folder, is flushed to disk, then renamed over
-    ``path``, so an interrupted write never leaves a truncated checkpoint behind.
+    The state goes to a temporary file in the destination folder (``util.atomic_files.atomic_path``), is
+    flushed to disk, then renamed over ``path``, so an interrupted write never leaves a truncated checkpoint
+    behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
     except BaseException as exc:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
         if _disk_full(exc):
             free = shutil.disk_usage(path.parent).free
             raise OSError(errno.ENOSPC, f"disk full: cannot write checkpoint {path} "

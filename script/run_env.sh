@@ -1,0 +1,12 @@
+# Sourced (not run) by script/train.sh and script/test.sh from the repository root: the environment their
+# per-fold runs share, with its defaults, so that training and testing read the same values.
+# DATASET (CHAOST2), SETTING (1), DATA_ROOT (data), FOLDS ("0 1 2 3 4"), MODE (learned), LOG_DIR (runs),
+# PYTHON (python), GPU (unset: all visible; else exported as CUDA_VISIBLE_DEVICES).
+DATASET=${DATASET:-CHAOST2}
+SETTING=${SETTING:-1}
+DATA_ROOT=${DATA_ROOT:-data}
+FOLDS=${FOLDS:-"0 1 2 3 4"}
+MODE=${MODE:-learned}
+LOG_DIR=${LOG_DIR:-runs}
+PYTHON=${PYTHON:-python}
+if [ -n "${GPU:-}" ]; then export CUDA_VISIBLE_DEVICES="$GPU"; fi
