@@ -6,7 +6,7 @@ working directory.
 
 Override from the command line, e.g.::
 
-    python training.py with dataset=CHAOST2 setting=2 eval_fold=2 data_root=../shared/data
+    python training.py with dataset=CHAOST2 setting=2 eval_fold=2 data_root=data
     python test.py with dataset=CHAOST2 eval_fold=2 reload_model_path=runs/.../final.pth
     python training.py with demo            # named configs: chaos sabs cmr synth setting2 demo smoke
 

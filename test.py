@@ -1,6 +1,6 @@
 """Evaluate a trained DMAP model under the EP1 1-way 1-shot protocol (docs/protocol.md).
 
-    python test.py with dataset=CHAOST2 eval_fold=0 data_root=../shared/data
+    python test.py with dataset=CHAOST2 eval_fold=0 data_root=data
     python test.py with dataset=CHAOST2 eval_fold=0 rotate_support=True reload_model_path=path/to/final.pth
 
 Without ``reload_model_path`` the run's ``eval_step`` snapshot (30,000 steps) is evaluated when it exists,

@@ -2,7 +2,7 @@
 
 Single process::
 
-    python training.py with dataset=CHAOST2 setting=1 eval_fold=0 data_root=../shared/data
+    python training.py with dataset=CHAOST2 setting=1 eval_fold=0 data_root=data
 
 Several GPUs or CPU processes (one process each; gradients averaged by DistributedDataParallel)::
 

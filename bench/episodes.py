@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/episodes.py --data-dir ../shared/data/CHAOST2 [--n 200] [--fold 0] [--sv-dir DIR]
+    python bench/episodes.py --data-dir data/CHAOST2 [--n 200] [--fold 0] [--sv-dir DIR]
 
 Loads the training volumes of ``--fold`` (15 of the 20 CHAOST2 volumes) with their supervoxels, builds the
 episode index, then samples ``--n`` augmented 1-shot episodes in this process. Supervoxels are read from

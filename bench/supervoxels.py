@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/supervoxels.py [--data-dir ../shared/data/CHAOST2] [--n N] [--no-cli]
+    python bench/supervoxels.py [--data-dir data/CHAOST2] [--n N] [--no-cli]
 
 For each of the first N volumes (numeric id order) a fresh Python process reads the image and runs
 ``supervoxelize_volume`` (rescale to [0, 255] + engine + body mask + relabel, exactly what the CLI

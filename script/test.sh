@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Evaluate trained DMAP models on each fold (EP1, 1-way 1-shot), then summarise over folds.
 #
-#   DATASET=CHAOST2 SETTING=1 DATA_ROOT=../shared/data bash script/test.sh
+#   DATASET=CHAOST2 SETTING=1 DATA_ROOT=data bash script/test.sh
 #   ROTATE=1 bash script/test.sh        # every fold member serves as support in turn
 #
 # Environment (defaults): DATASET (CHAOST2), SETTING (1), DATA_ROOT (data), FOLDS ("0 1 2 3 4"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train DMAP on each fold of a data set (Sacred overrides given as arguments are passed through).
 #
-#   DATASET=CHAOST2 SETTING=2 DATA_ROOT=../shared/data bash script/train.sh 'model.weights_path=weights/r101.pth'
+#   DATASET=CHAOST2 SETTING=2 DATA_ROOT=data bash script/train.sh 'model.weights_path=weights/r101.pth'
 #   NPROC=4 GPU=0,1,2,3 bash script/train.sh          # one process per GPU with torchrun
 #
 # Environment (defaults): DATASET (CHAOST2), SETTING (1), DATA_ROOT (data), FOLDS ("0 1 2 3 4"),
