@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT / ".." / "shared" / "data" / "CHAOST2"
+DEFAULT_DATA = REPO_ROOT / "data" / "CHAOST2"  # under the config's default data_root
 
 CHILD = r"""
 import json, resource, sys, time
