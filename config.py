@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 from sacred import SETTINGS, Experiment
 from sacred.observers import FileStorageObserver
 
-from dataloaders.dataset_specifics import DATASETS, get_dataset_spec
+from dataloaders.dataset_specifics import DATASETS, DatasetSpec, get_dataset_spec
 from dataloaders.episodes import EXCLUDE_MODES, SAMPLERS
 from dataloaders.volume_io import supervoxel_dir
 from dataloaders.transforms import AUGMENT_PROFILES
@@ -322,6 +322,16 @@ def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervox
     _require(cfg["dataset"] in DATASETS,
              f"config key 'dataset' is {cfg['dataset']!r}; valid data sets: {', '.join(sorted(DATASETS))}")
     spec = get_dataset_spec(cfg["dataset"])
+    _check_choices(cfg, spec)
+    _check_model(cfg["model"])
+    _check_runtime(cfg)
+    _resolve_labels(cfg, spec)
+    _resolve_paths(cfg, spec, need_data, need_supervoxels)
+    return cfg
+
+
+def _check_choices(cfg: dict[str, Any], spec: DatasetSpec) -> None:
+    """The protocol and episode options: fold, setting, exclusion, sampler, augmentation, evaluated step."""
     _require(isinstance(cfg["eval_fold"], int) and 0 <= cfg["eval_fold"] < spec.n_folds,
              f"config key 'eval_fold' is {cfg['eval_fold']!r}; expected 0..{spec.n_folds - 1}")
     _require(cfg["setting"] in (1, 2), f"config key 'setting' is {cfg['setting']!r}; expected 1 or 2")
@@ -332,13 +342,21 @@ def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervox
              f"config key 'augment_profile' is {cfg['augment_profile']!r}; expected one of {AUGMENT_PROFILE_NAMES}")
     _require(cfg["eval_step"] is None or (isinstance(cfg["eval_step"], int) and cfg["eval_step"] >= 0),
              f"config key 'eval_step' is {cfg['eval_step']!r}; expected an integer >= 0 (0 or None: final.pth)")
-    model = cfg["model"]
+
+
+def _check_model(model: dict[str, Any]) -> None:
+    """The ``model`` sub-dict's choices."""
     _require(isinstance(model["bn_with_support"], bool),
              f"config key 'model.bn_with_support' is {model['bn_with_support']!r}; expected True or False")
     _require(model["dmap_mode"] in DMAP_MODES,
              f"config key 'model.dmap_mode' is {model['dmap_mode']!r}; expected one of {DMAP_MODES}")
     _require(model["backbone"] in BACKBONES,
              f"config key 'model.backbone' is {model['backbone']!r}; expected one of {BACKBONES}")
+
+
+def _check_runtime(cfg: dict[str, Any]) -> None:
+    """Precision, volumes, device and the integer sizes and counts."""
+    model = cfg["model"]
     _require(cfg["amp"] in AMP_MODES, f"config key 'amp' is {cfg['amp']!r}; expected one of {AMP_MODES}")
     fraction = model.get("min_loaded_fraction", 0.9)
     _require(isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 <= fraction <= 1,
@@ -362,6 +380,9 @@ def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervox
     for key in ("num_workers", "eval_batch"):
         _require(isinstance(cfg[key], int) and cfg[key] >= 0, f"config key '{key}' is {cfg[key]!r}; expected an integer >= 0")
 
+
+def _resolve_labels(cfg: dict[str, Any], spec: DatasetSpec) -> None:
+    """``test_label``, ``exclude_label`` (Setting 2: the test labels) and ``n_sv`` from the registry."""
     try:
         test_label = spec.test_labels if cfg["test_label"] is None else spec.check_labels(cfg["test_label"])
         if cfg["exclude_label"] is None:
@@ -374,6 +395,9 @@ def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervox
     cfg["exclude_label"] = [int(x) for x in exclude_label]
     cfg["n_sv"] = int(spec.n_sv if cfg["n_sv"] is None else cfg["n_sv"])
 
+
+def _resolve_paths(cfg: dict[str, Any], spec: DatasetSpec, need_data: bool, need_supervoxels: bool) -> None:
+    """Data, supervoxel, weight and checkpoint paths made absolute (and checked); run folders added."""
     data_dir = repo_path(cfg["data_dir"]) if cfg["data_dir"] else repo_path(cfg["data_root"]) / spec.name
     if need_data:
         _require(data_dir.is_dir(), f"config key 'data_dir'/'data_root': data folder {data_dir} does not exist "
@@ -384,6 +408,7 @@ def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervox
         _require(sv_dir.is_dir(), f"config key 'supervoxel_dir': {sv_dir} does not exist (generate it with "
                                   f"supervoxels/generate_supervoxels.py --data-dir {data_dir} --n-sv {cfg['n_sv']})")
     cfg["supervoxel_dir"] = str(sv_dir)
+    model = cfg["model"]
     if model["weights_path"] in WEIGHT_NAMES:
         try:
             model["weights_path"] = str(resolve_named_weights(model["weights_path"], model["backbone"]))
@@ -397,7 +422,6 @@ def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervox
         cfg["reload_model_path"] = str(repo_path(cfg["reload_model_path"]))
     cfg["run_dir"] = str(run_dir(cfg))
     cfg["snapshot_dir"] = str(run_dir(cfg) / "snapshots")
-    return cfg
 
 
 def configure_logging(level: int = logging.INFO) -> None:

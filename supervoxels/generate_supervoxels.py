@@ -291,12 +291,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"generate_supervoxels: removed {n_stale} half-written file(s) of an interrupted run in {out_dir}",
               file=sys.stderr)
 
-    from tqdm import tqdm
-
     start = time.perf_counter()
     jobs = [(cid, path, out_dir, args.n_sv, args.fg_thresh, args.overwrite) for cid, path in cases]
+    results = run_jobs(jobs, args.workers, show_progress=not args.no_progress)
+    print(summary_line(results, time.perf_counter() - start, out_dir))
+    return 1 if any(r.status == "error" for r in results) else 0
+
+
+def run_jobs(jobs: list[tuple], workers: int, show_progress: bool = True) -> list[Result]:
+    """:func:`process_case` on every job, in ``workers`` processes (1: this one); errors and warnings are
+    printed as they come."""
+    from tqdm import tqdm
+
     results: list[Result] = []
-    progress = tqdm(total=len(jobs), unit="vol", desc="supervoxels", disable=args.no_progress or None)
+    progress = tqdm(total=len(jobs), unit="vol", desc="supervoxels", disable=None if show_progress else True)
 
     def report(result: Result) -> None:
         results.append(result)
@@ -306,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             progress.write(f"generate_supervoxels: warning: {result.warning}", file=sys.stderr)
         progress.update(1)
 
-    workers = min(args.workers, len(jobs))
+    workers = min(workers, len(jobs))
     if workers == 1:
         for job in jobs:
             report(process_case(*job))
@@ -317,8 +325,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for future in as_completed(futures):
                 report(future.result())
     progress.close()
-    elapsed = time.perf_counter() - start
+    return results
 
+
+def summary_line(results: Sequence[Result], elapsed: float, out_dir: Path) -> str:
+    """Volumes written, skipped and failed, the spread of supervoxel counts, and the time (s)."""
     done = [r for r in results if r.status == "done"]
     skipped = sum(r.status == "skipped" for r in results)
     failed = sum(r.status == "error" for r in results)
@@ -327,12 +338,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         spread = f"supervoxels per volume min/median/max {min(counts)}/{statistics.median(counts):g}/{max(counts)}"
     else:
         spread = "supervoxels per volume -"
-    print(
-        f"{len(done)} volumes written, {skipped} skipped (exist), {failed} failed; {spread}; "
-        f"{elapsed:.1f} s -> {out_dir}"
-    )
-    return 1 if failed else 0
-
+    return (f"{len(done)} volumes written, {skipped} skipped (exist), {failed} failed; {spread}; "
+            f"{elapsed:.1f} s -> {out_dir}")
 
 if __name__ == "__main__":
     sys.exit(main())
