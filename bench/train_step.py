@@ -27,7 +27,6 @@ every peak figure. Random weights (no checkpoint needed): speed does not depend 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import resource
@@ -84,13 +83,6 @@ def _inputs(args, device):
     return si.to(device), sm.to(device), qi.to(device), qm.to(device)
 
 
-def _autocast(args, device):
-    import torch
-    if args.amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
-
-
 def _time(fn, n, device):
     fn()  # warm-up
     _sync(device)
@@ -125,6 +117,7 @@ def run_worker(args) -> dict:
     from models.encoder import build_dilated_resnet
     from models.fewshot import FewShotSeg
     from models.losses import focal_loss
+    from util.amp import autocast
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -148,7 +141,7 @@ def run_worker(args) -> dict:
 
         def step():
             opt.zero_grad(set_to_none=True)
-            with _autocast(args, device):
+            with autocast(device, args.amp):
                 probs, aux = model(si, sm, qi)
                 loss = focal_loss(probs.flatten(0, 1), qm.flatten(0, 1))
             if scaler is not None:
@@ -167,7 +160,7 @@ def run_worker(args) -> dict:
 
         def bb_step():
             bb_opt.zero_grad(set_to_none=True)
-            with _autocast(args, device):
+            with autocast(device, args.amp):
                 loss = net(images).float().mean()
             loss.backward()
             bb_opt.step()
@@ -185,7 +178,7 @@ def run_worker(args) -> dict:
         bb_step(); bb_step()
     else:
         model.eval()
-        with torch.no_grad(), _autocast(args, device):
+        with torch.no_grad(), autocast(device, args.amp):
             encode = lambda: model.encode_support(si, sm)  # noqa: E731
             encoding = encode()
             full, enc_times, seg = _time_interleaved(
