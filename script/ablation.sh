@@ -3,7 +3,7 @@
 # and seed, evaluate every arm (its final weights and each step snapshot, for Dice against training step),
 # then write one table (Markdown + CSV) and the training-curve pictures.
 #
-#   DATASET=CHAOST2 DATA_ROOT=../shared/data SV_DIR=runs/chaos_sv/supervoxels_5000 FOLDS="0" \
+#   DATASET=CHAOST2 DATA_ROOT=data SV_DIR=runs/chaos_sv/supervoxels_5000 FOLDS="0" \
 #       bash script/ablation.sh cpu               # arguments: named configs / Sacred overrides
 #   ARMS="0:learned 0:fixed 0:off 1:learned" PARALLEL=2 bash script/ablation.sh cpu
 #
