@@ -223,3 +223,43 @@ def test_summarize_skips_undefined_folds():
     assert table["liver"]["dice_mean"] == pytest.approx(0.6)
     assert table["liver"]["dice_std"] == pytest.approx(math.sqrt(0.08 / 3))
     assert table["spleen"]["dice_mean"] == pytest.approx(0.6) and table["spleen"]["n_folds"] == 2
+
+
+def test_means_and_spread_over_supports_by_hand():
+    from evaluation.scores import nanmean, nanstd, summarize_supports
+
+    assert nanmean([0.2, math.nan, 0.6]) == pytest.approx(0.4) and math.isnan(nanmean([math.nan]))
+    assert nanstd([0.2, math.nan, 0.6]) == pytest.approx(0.2) and math.isnan(nanstd([]))
+
+    def scores(dice, recall):
+        return {"dice": dice, "iou": dice / 2, "precision": 1.0, "recall": recall}
+
+    runs = [  # two supports, two classes; the baseline differs from the model in every number
+        {"classes": {"liver": {"model": scores(0.8, 0.9), "copy_support": scores(0.5, 0.4)},
+                     "spleen": {"model": scores(0.4, 0.3), "copy_support": scores(0.1, 0.2)}},
+         "mean": {"model": scores(0.6, 0.6), "copy_support": scores(0.3, 0.3)}},
+        {"classes": {"liver": {"model": scores(0.6, 0.7), "copy_support": scores(0.3, 0.2)},
+                     "spleen": {"model": scores(math.nan, math.nan), "copy_support": scores(0.1, 0.0)}},
+         "mean": {"model": scores(0.6, 0.7), "copy_support": scores(0.2, 0.1)}},
+    ]
+    out = summarize_supports(runs)
+    assert out["classes"]["liver"]["model"]["dice"] == pytest.approx(0.7)
+    assert out["classes"]["liver"]["model"]["recall"] == pytest.approx(0.8)
+    assert out["classes"]["liver"]["copy_support"]["dice"] == pytest.approx(0.4)
+    assert out["classes"]["liver"]["dice_std_over_supports"] == pytest.approx(0.1)
+    assert out["classes"]["spleen"]["model"]["dice"] == pytest.approx(0.4)  # the undefined support left out
+    assert out["classes"]["spleen"]["dice_std_over_supports"] == 0.0
+    assert out["mean"]["model"]["recall"] == pytest.approx(0.65)
+    assert out["mean"]["copy_support"]["dice"] == pytest.approx(0.25)
+    assert out["mean"]["dice_std_over_supports"] == 0.0
+
+
+def test_a_checkpoint_whose_config_describes_no_model_is_named(tmp_path):
+    from models.fewshot import FewShotSeg
+
+    path = tmp_path / "odd.pth"
+    with pytest.raises(ValueError, match=r"odd.pth: the checkpoint's config does not describe a model: .*resnet7"):
+        FewShotSeg.from_checkpoint({"backbone": "resnet7", "dmap_mode": "learned", "temperature": 0.05,
+                                    "fixed_threshold": 0.9, "alpha": 10.0}, path, state={"model": {}})
+    with pytest.raises(ValueError, match=r"odd.pth: the checkpoint's config does not describe a model: 'backbone'"):
+        FewShotSeg.from_checkpoint({}, path, state={"model": {}})
