@@ -28,8 +28,8 @@ from sacred.observers import FileStorageObserver
 
 from dataloaders.dataset_specifics import DATASETS, DatasetSpec, get_dataset_spec
 from dataloaders.episodes import EXCLUDE_MODES, SAMPLERS
-from dataloaders.volume_io import supervoxel_dir
 from dataloaders.transforms import AUGMENT_PROFILES
+from dataloaders.volume_io import supervoxel_dir
 from models.dmap import DMAP_MODES
 from models.encoder import BACKBONES
 from models.pretrained import WEIGHT_NAMES, WeightsUnavailable, resolve_named_weights

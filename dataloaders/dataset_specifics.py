@@ -180,14 +180,18 @@ class DatasetSpec:
                 + ", ".join(str(v) for v in sorted(known))
             )
 
-    def map_raw_labels(self, raw_values: Iterable[int]) -> dict:
+    def map_raw_labels(self, raw_values: Iterable[int], path: Optional[object] = None) -> dict:
         """{raw value: training id} for the given raw values, 0 -> 0.
+
+        Args:
+            raw_values: Values found in a label volume.
+            path: The file they come from, named in the error (:meth:`check_raw_values`).
 
         Raises:
             ValueError: An unknown value (:meth:`check_raw_values`).
         """
         raw_values = [int(v) for v in raw_values]
-        self.check_raw_values(raw_values)
+        self.check_raw_values(raw_values, path)
         return {v: 0 if v == 0 else self.raw_label_map[v] for v in raw_values}
 
 

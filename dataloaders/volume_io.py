@@ -336,8 +336,7 @@ def _map_labels(raw: np.ndarray, spec: DatasetSpec, path: Path) -> np.ndarray:
         if not np.array_equal(raw, np.round(raw)):
             raise ValueError(f"{path}: label volume contains non-integer values")
     values = np.unique(raw).astype(np.int64)
-    spec.check_raw_values(values, path)
-    mapping = spec.map_raw_labels(values)
+    mapping = spec.map_raw_labels(values, path)
     if all(k == v for k, v in mapping.items()):
         return raw.astype(np.uint8)
     out = np.zeros(raw.shape, dtype=np.uint8)
