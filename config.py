@@ -32,11 +32,15 @@ from dataloaders.transforms import AUGMENT_PROFILES
 from dataloaders.volume_io import supervoxel_dir
 from models.dmap import DMAP_MODES
 from models.encoder import BACKBONES
+from models.losses import LOSS_NORMALIZATIONS
+from trainer.state import LR_SCHEDULES
 from models.pretrained import WEIGHT_NAMES, WeightsUnavailable, resolve_named_weights
 from util.amp import AMP_MODES
 from util.distributed import is_main_process
 
 REPO_ROOT = Path(__file__).resolve().parent
+#: which weights of a checkpoint evaluation reads (config key eval_weights)
+EVAL_WEIGHTS = ("auto", "averaged", "raw")
 AUGMENT_PROFILE_NAMES = tuple(AUGMENT_PROFILES)
 
 # tqdm and DataLoader workers do not mix with Sacred's stdout capture
@@ -107,7 +111,7 @@ def default_config() -> dict[str, Any]:
         model={
             "backbone": "resnet101",
             "weights_path": "",  # "coco" | "imagenet" (torch hub cache) | a local checkpoint | "" (random init)
-            "dmap_mode": "learned",  # learned | fixed | off
+            "dmap_mode": "learned",  # learned | learned_st | fixed | off (docs/method.md)
             "temperature": 0.05,  # soft selection sigmoid((s - xi) / temperature) in training
             "fixed_threshold": 0.9,
             "alpha": 10.0,
@@ -117,10 +121,19 @@ def default_config() -> dict[str, Any]:
             # code; False: the query only (this project's first behaviour)
             "bn_with_support": True,
         },
-        loss={"gamma": 0.7, "class_weights": [0.1, 1.0]},  # focal loss; weights (background, foreground)
-        optim={"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4},
+        # focal loss; class weights (background, foreground); normalize: "pixels" (sum over pixels / summed
+        # weights, the paper) or "classes" (each class's mean over its own pixels, then weighted)
+        loss={"gamma": 0.7, "class_weights": [0.1, 1.0], "normalize": "pixels"},
+        # grad_clip: the gradients' total norm is clipped to this before each update (0: no clipping)
+        optim={"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4, "grad_clip": 0.0},
+        lr_schedule="step",  # "step": x lr_gamma every lr_step_size steps (the paper); "cosine": lr -> lr * lr_final_factor
         lr_step_size=3000,
         lr_gamma=0.98,
+        lr_final_factor=0.01,  # the cosine schedule's last learning rate, as a fraction of optim.lr
+        lr_warmup_steps=0,  # linear warm-up of the learning rate over these first steps (0: none)
+        # exponential moving average of the weights (and batch-norm buffers), stored beside the raw weights in
+        # every checkpoint and evaluated by default (eval_weights); 0: no average
+        ema_decay=0.0,
         n_steps=33000,  # the public code: 11 x 3000 steps
         batch_size=1,  # episodes per step (per process under torchrun)
         save_snapshot_every=5000,
@@ -143,6 +156,7 @@ def default_config() -> dict[str, Any]:
         n_part=3,
         eval_batch=0,  # query slices per forward; 0 -> 16 on CUDA, 1 on CPU (batches were slower there)
         reload_model_path=None,  # None -> the eval_step snapshot if it exists, else <run_dir>/snapshots/final.pth
+        eval_weights="auto",  # auto: the averaged weights when the checkpoint has them, else the raw | averaged | raw
         save_predictions=True,
         n_overlays=3,  # PNG overlays per class and query volume
 
@@ -190,6 +204,12 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "image_size": 160,
         "n_steps": 3600,
         "optim": {"lr": 1e-2},
+        # the learning rate falls along half a cosine to 1 % at the last step and an exponential moving
+        # average of the weights (about the last 1000 steps) is evaluated: the final weights represent the run
+        # instead of one point of a curve that swings by up to 0.3 Dice between snapshots
+        "lr_schedule": "cosine",
+        "lr_final_factor": 0.01,
+        "ema_decay": 0.999,
         "lr_step_size": 1200,
         "lr_gamma": 0.7,
         "loss": {"class_weights": [0.5, 1.0]},
@@ -340,6 +360,12 @@ def _check_choices(cfg: dict[str, Any], spec: DatasetSpec) -> None:
     _require(cfg["sampler"] in SAMPLERS, f"config key 'sampler' is {cfg['sampler']!r}; expected one of {SAMPLERS}")
     _require(cfg["augment_profile"] in AUGMENT_PROFILE_NAMES,
              f"config key 'augment_profile' is {cfg['augment_profile']!r}; expected one of {AUGMENT_PROFILE_NAMES}")
+    _require(cfg["loss"]["normalize"] in LOSS_NORMALIZATIONS,
+             f"config key 'loss.normalize' is {cfg['loss']['normalize']!r}; expected one of {LOSS_NORMALIZATIONS}")
+    _require(cfg["lr_schedule"] in LR_SCHEDULES,
+             f"config key 'lr_schedule' is {cfg['lr_schedule']!r}; expected one of {LR_SCHEDULES}")
+    _require(cfg["eval_weights"] in EVAL_WEIGHTS,
+             f"config key 'eval_weights' is {cfg['eval_weights']!r}; expected one of {EVAL_WEIGHTS}")
     _require(cfg["eval_step"] is None or (isinstance(cfg["eval_step"], int) and cfg["eval_step"] >= 0),
              f"config key 'eval_step' is {cfg['eval_step']!r}; expected an integer >= 0 (0 or None: final.pth)")
 
@@ -377,8 +403,19 @@ def _check_runtime(cfg: dict[str, Any]) -> None:
         _require(isinstance(cfg[key], int) and cfg[key] >= 1, f"config key '{key}' is {cfg[key]!r}; expected an integer >= 1")
     _require(cfg["image_size"] is None or (isinstance(cfg["image_size"], int) and cfg["image_size"] >= 32),
              f"config key 'image_size' is {cfg['image_size']!r}; expected None (the data's size) or an integer >= 32")
-    for key in ("num_workers", "eval_batch"):
+    for key in ("num_workers", "eval_batch", "lr_warmup_steps"):
         _require(isinstance(cfg[key], int) and cfg[key] >= 0, f"config key '{key}' is {cfg[key]!r}; expected an integer >= 0")
+    _require(cfg["lr_schedule"] != "cosine" or cfg["lr_warmup_steps"] < cfg["n_steps"],
+             f"config key 'lr_warmup_steps' is {cfg['lr_warmup_steps']!r}; the cosine schedule needs fewer "
+             f"warm-up steps than n_steps ({cfg['n_steps']})")
+    for key, value, low, high in (("ema_decay", cfg["ema_decay"], 0.0, 1.0),
+                                  ("lr_final_factor", cfg["lr_final_factor"], 0.0, 1.0)):
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value < high or
+                 (key == "lr_final_factor" and value == 1.0),
+                 f"config key '{key}' is {value!r}; expected a number in [{low}, {high})")
+    clip = cfg["optim"].get("grad_clip", 0.0)
+    _require(isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip >= 0,
+             f"config key 'optim.grad_clip' is {clip!r}; expected a number >= 0 (0: no clipping)")
 
 
 def _resolve_labels(cfg: dict[str, Any], spec: DatasetSpec) -> None:

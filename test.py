@@ -27,7 +27,7 @@ from evaluation.ep1_fold import EP1Options, evaluate_fold
 from evaluation.results import clear_results, format_table, write_results
 from models.fewshot import FewShotSeg
 from util.amp import resolve_amp
-from util.checkpoints import load_checkpoint
+from util.checkpoints import load_checkpoint, select_weights
 from util.distributed import select_device
 
 LOGGER = logging.getLogger("test")
@@ -84,16 +84,17 @@ def run_test(cfg: dict[str, Any], out_dir: Path | None = None) -> tuple[dict[str
     state = load_checkpoint(checkpoint)
     test_ids = fold_test_ids(cfg)
     check_checkpoint(state, cfg["dataset"], cfg["eval_fold"], cfg["data_dir"], test_ids, checkpoint)
-    model = FewShotSeg.from_checkpoint(cfg["model"], checkpoint, state)
-    del state
-    LOGGER.info("loaded %s", checkpoint)
+    weights, which = select_weights(state, cfg.get("eval_weights", "auto"), checkpoint)
+    model = FewShotSeg.from_checkpoint(cfg["model"], checkpoint, weights)
+    del state, weights
+    LOGGER.info("loaded the %s weights of %s", which, checkpoint)
     model.to(device).eval()
     out_dir = Path(out_dir) if out_dir is not None else Path(cfg["run_dir"]) / "results"
     clear_results(out_dir)  # never leave this run's files beside an earlier run's
     summary = evaluate_fold(model, load_fold_cases(cfg, test_ids), get_dataset_spec(cfg["dataset"]), options, device,
                             out_dir if cfg["save_predictions"] else None)
     summary = {"dataset": cfg["dataset"], "setting": cfg["setting"], "eval_fold": cfg["eval_fold"], **summary,
-               "checkpoint": str(checkpoint)}
+               "checkpoint": str(checkpoint), "weights": which}
     write_results(summary, out_dir)
     return summary, out_dir
 

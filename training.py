@@ -27,6 +27,7 @@ from dataloaders.dataset_specifics import get_dataset_spec
 from dataloaders.episodes import build_training_cases, build_training_episodes
 from dataloaders.folds import fold_volume_ids
 from dataloaders.resize import ResizedEpisodes
+from models.dmap import LTG_MODES
 from trainer.episode_sampler import EpisodeIndexSampler, episode_loader
 from trainer.loop import LoopSettings, set_train_mode, train_loop
 from trainer.state import OptimSettings, build_training_state, resume_training_state, save_training_state
@@ -54,14 +55,17 @@ def build_episodes(cfg: dict[str, Any], world_size: int = 1) -> Dataset:
 def optim_settings(cfg: dict[str, Any]) -> OptimSettings:
     return OptimSettings(lr=cfg["optim"]["lr"], momentum=cfg["optim"]["momentum"],
                          weight_decay=cfg["optim"]["weight_decay"], lr_step_size=cfg["lr_step_size"],
-                         lr_gamma=cfg["lr_gamma"])
+                         lr_gamma=cfg["lr_gamma"], lr_schedule=cfg["lr_schedule"], n_steps=cfg["n_steps"],
+                         lr_final_factor=cfg["lr_final_factor"], lr_warmup_steps=cfg["lr_warmup_steps"],
+                         ema_decay=cfg["ema_decay"], grad_clip=cfg["optim"]["grad_clip"])
 
 
 def loop_settings(cfg: dict[str, Any]) -> LoopSettings:
     return LoopSettings(n_steps=cfg["n_steps"], log_every=cfg["log_every"],
                         save_snapshot_every=cfg["save_snapshot_every"], eval_step=cfg["eval_step"],
                         keep_snapshots=cfg["keep_snapshots"], time_limit_min=cfg["time_limit_min"],
-                        loss_gamma=cfg["loss"]["gamma"], class_weights=tuple(cfg["loss"]["class_weights"]))
+                        loss_gamma=cfg["loss"]["gamma"], class_weights=tuple(cfg["loss"]["class_weights"]),
+                        loss_normalize=cfg["loss"]["normalize"])
 
 
 def train(cfg: dict[str, Any], sacred_run: Any = None,
@@ -114,7 +118,7 @@ def _train(cfg: dict[str, Any], ctx: DistributedContext, sacred_run: Any,
     net: torch.nn.Module = state.model
     if ctx.distributed:  # LTG parameters get no gradient in the fixed/off ablations
         net = DistributedDataParallel(state.model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=cfg["model"]["dmap_mode"] != "learned")
+                                      find_unused_parameters=cfg["model"]["dmap_mode"] not in LTG_MODES)
     set_train_mode(net, cfg["model"]["freeze_bn"])
     scalars = ScalarLogger(sacred_run, Path(cfg["run_dir"]) / "tensorboard" if cfg["tensorboard"] else None) \
         if ctx.is_main else None

@@ -28,7 +28,7 @@ from dataloaders.ep1 import chunk_plan, labelled_slices, support_slice_indices
 from inference.model_space import ModelSpaceScan, model_slice_range, original_slice_range, to_original_grid
 from models.fewshot import FewShotSeg
 from util.amp import AmpUnsupported, autocast, resolve_amp
-from util.checkpoints import load_checkpoint
+from util.checkpoints import load_checkpoint, select_weights
 from util.distributed import select_device
 
 __all__ = [
@@ -105,8 +105,10 @@ def load_predictor(checkpoint: str | Path, device: str = "auto", amp: str = "aut
         spec = get_dataset_spec(cfg["dataset"])
     except ValueError as exc:
         raise ValueError(f"{path}: the checkpoint's config does not describe a model: {exc}") from None
-    model = FewShotSeg.from_checkpoint(cfg["model"], path, state)
-    del state
+    # the averaged weights when training kept them (what test.py evaluates by default)
+    weights, _ = select_weights(state, "auto", path)
+    model = FewShotSeg.from_checkpoint(cfg["model"], path, weights)
+    del state, weights
     try:
         dev = select_device(device)
     except (RuntimeError, ValueError) as exc:

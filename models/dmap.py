@@ -39,7 +39,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DMAP_MODES = ("learned", "fixed", "off")
+#: learned: LTG threshold, soft selection in training; learned_st: LTG threshold, hard selection in the
+#: forward pass of training too (the gradient reaches xi through the soft rule: straight-through);
+#: fixed: cosine >= fixed_threshold; off: plain masked average pooling
+DMAP_MODES = ("learned", "learned_st", "fixed", "off")
+#: the modes whose threshold comes from the LTG head
+LTG_MODES = ("learned", "learned_st")
 EPS = 1e-8
 
 
@@ -228,13 +233,15 @@ def feature_cosine(features: torch.Tensor, prototype: torch.Tensor) -> torch.Ten
 
 
 def selection_weights(cosine: torch.Tensor, fg: torch.Tensor, xi: torch.Tensor, soft: bool,
-                      temperature: float = 0.05) -> Tuple[torch.Tensor, torch.Tensor]:
+                      temperature: float = 0.05, straight_through: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """De-biasing selection of foreground support pixels.
 
     Hard rule: keep pixel i iff ``s_i >= xi``. Soft rule (training in ``learned`` mode):
     ``weight_i = sigmoid((s_i - xi) / temperature)``; it tends to the hard rule as temperature -> 0
-    (for s_i != xi). A selection whose total weight is < 1e-4 pixel (nothing passes) falls back to all
-    foreground pixels (weight 1 each).
+    (for s_i != xi). Straight-through (``learned_st``): the values are the hard rule's, the gradient is the
+    soft rule's (``hard + soft - soft.detach()``), so training sees the selection evaluation uses. A
+    selection whose total weight is < 1e-4 pixel (nothing passes) falls back to all foreground pixels
+    (weight 1 each).
 
     Args:
         cosine: [B, S, H, W] cosines s_i.
@@ -242,6 +249,7 @@ def selection_weights(cosine: torch.Tensor, fg: torch.Tensor, xi: torch.Tensor, 
         xi: [B, K] thresholds (K selection sets, e.g. one per query).
         soft: soft (differentiable in xi) or hard selection.
         temperature: soft-selection temperature.
+        straight_through: hard values with the soft rule's gradient (overrides ``soft``).
 
     Returns:
         (weights [B, K, S, H, W], kept_fraction [B, K] = total weight / number of foreground pixels,
@@ -250,7 +258,10 @@ def selection_weights(cosine: torch.Tensor, fg: torch.Tensor, xi: torch.Tensor, 
     s = cosine[:, None]                      # [B, 1, S, H, W]
     thr = xi[:, :, None, None, None]         # [B, K, 1, 1, 1]
     fgk = fg[:, None]
-    if soft:
+    if straight_through:
+        relaxed = torch.sigmoid((s - thr) / temperature)
+        weights = ((s >= thr).to(relaxed.dtype) + relaxed - relaxed.detach()) * fgk
+    elif soft:
         weights = torch.sigmoid((s - thr) / temperature) * fgk
     else:
         weights = (s >= thr).to(fg.dtype) * fgk
@@ -263,7 +274,8 @@ def selection_weights(cosine: torch.Tensor, fg: torch.Tensor, xi: torch.Tensor, 
 
 
 def debiased_prototypes(features: torch.Tensor, fg: torch.Tensor, cosine: torch.Tensor, xi: torch.Tensor,
-                        soft: bool, temperature: float = 0.05) -> Tuple[torch.Tensor, torch.Tensor]:
+                        soft: bool, temperature: float = 0.05,
+                        straight_through: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """De-biased prototypes: weighted mean of the selected upsampled foreground support features.
 
     Args:
@@ -273,12 +285,13 @@ def debiased_prototypes(features: torch.Tensor, fg: torch.Tensor, cosine: torch.
         xi: [B, K] thresholds.
         soft: soft selection (training, ``learned``) or hard rule.
         temperature: soft-selection temperature.
+        straight_through: hard selection values with the soft rule's gradient (training, ``learned_st``).
 
     Returns:
         (prototypes [B, K, C], kept_fraction [B, K]).
     """
     with no_autocast(features.device):
-        weights, kept = selection_weights(cosine, fg, xi, soft, temperature)
+        weights, kept = selection_weights(cosine, fg, xi, soft, temperature, straight_through)
         sums, totals = weighted_feature_sums(features, weights)
         return sums / totals[..., None].clamp_min(1e-4), kept
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.dmap import (DMAP_MODES, LearnableThresholdGeneration, compute_dtype, debiased_prototypes,
+from models.dmap import (DMAP_MODES, LTG_MODES, LearnableThresholdGeneration, compute_dtype, debiased_prototypes,
                          feature_cosine, masked_average_pooling, no_autocast, upsampled_cosine)
 from models.encoder import Encoder
 from util.checkpoints import load_model_weights
@@ -64,6 +64,7 @@ class FewShotSeg(nn.Module):
         backbone: ``resnet101`` (default), ``resnet50``, ``resnet34`` or ``resnet18``.
         weights_path: local backbone checkpoint (DeepLabv3 COCO or ImageNet layout) or None/"" (random).
         dmap_mode: ``learned`` (LTG threshold; soft selection while training, hard rule in eval),
+            ``learned_st`` (LTG threshold; hard selection in training too, straight-through gradient),
             ``fixed`` (keep cosine >= ``fixed_threshold``, the public code) or ``off`` (plain MAP).
         temperature: soft-selection temperature of ``learned`` mode.
         fixed_threshold: threshold of ``fixed`` mode.
@@ -142,7 +143,7 @@ class FewShotSeg(nn.Module):
         if mode not in DMAP_MODES:
             raise ValueError(f"dmap_mode must be one of {DMAP_MODES}, got {mode!r}")
         self._dmap_mode = mode
-        self.ltg.requires_grad_(mode == "learned")
+        self.ltg.requires_grad_(mode in LTG_MODES)
 
     # ------------------------------------------------------------------ input handling
     @staticmethod
@@ -253,9 +254,9 @@ class FewShotSeg(nn.Module):
             prototype = masked_average_pooling(f, fg)
             if self.dmap_mode != "off":
                 cosine = upsampled_cosine(f, prototype, size)
-            if self.dmap_mode == "learned":
+            if self.dmap_mode in LTG_MODES:
                 gate = feature_cosine(f, prototype)
-        if self.dmap_mode == "learned":
+        if self.dmap_mode in LTG_MODES:
             part = self.ltg.support_part(hidden, (h, w))
             ltg_support = part.reshape(b, s, *part.shape[1:])
         return SupportEncoding(features=f, fg=fg, prototype=prototype, cosine=cosine, ltg_support=ltg_support,
@@ -266,7 +267,7 @@ class FewShotSeg(nn.Module):
         """feats [B*Q, C, h, w], hidden per level [B*Q, C_l, h, w], tau [B*Q]."""
         _, c, h, w = feats.shape
         dt = enc.features.dtype
-        if self.dmap_mode == "learned":
+        if self.dmap_mode in LTG_MODES:
             part = self.ltg.query_part(hidden, (h, w))
             xi = self.ltg(enc.ltg_support, enc.gate, part.reshape(b, q, *part.shape[1:])).to(dt)
         with no_autocast(feats.device):
@@ -283,7 +284,8 @@ class FewShotSeg(nn.Module):
             else:
                 soft = self.training
                 prototypes, kept = debiased_prototypes(enc.features, enc.fg, enc.cosine, xi, soft=soft,
-                                                       temperature=self.temperature)
+                                                       temperature=self.temperature,
+                                                       straight_through=soft and self.dmap_mode == "learned_st")
             cos = feature_cosine(fq, prototypes.expand(b, q, c))                      # [B, Q, h, w]
             p_fg = torch.sigmoid(self.alpha * cos + 0.5 * tau[..., None, None])
             p_fg = F.interpolate(p_fg, size=enc.image_size, mode="bilinear", align_corners=True)

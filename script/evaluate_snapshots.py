@@ -5,7 +5,9 @@
 The words after ``--`` are what ``test.py with ...`` takes: named configs and ``key=value`` overrides
 (dotted keys for sub-dicts, Python literals). The final weights are evaluated as ``test.py`` does (results,
 predictions and overlays in ``<run>/results``); each ``snapshots/step_<n>.pth`` is scored into
-``<run>/snapshot_results/step_<n>/results.json`` (no pictures), skipped when that file exists.
+``<run>/snapshot_results/step_<n>/results.json`` (no pictures), skipped when that file exists. Checkpoints
+that hold averaged weights are scored with them (``eval_weights=auto``); ``--raw-too`` also scores their raw
+weights, into ``<run>/results_raw`` and ``<run>/snapshot_results_raw/step_<n>``.
 """
 from __future__ import annotations
 
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     own = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="the run folder (holds snapshots/)")
+    parser.add_argument("--raw-too", action="store_true",
+                        help="also score the raw weights of checkpoints that hold averaged ones")
     args = parser.parse_args(own)
     configure_logging(logging.WARNING)
     try:
@@ -75,12 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     if not final.is_file():
         print(f"error: {final} does not exist (train the run first)", file=sys.stderr)
         return 2
-    for path in sorted(snapshots.glob(f"{STEP_PREFIX}*.pth")):
-        out_dir = Path(args.run_dir) / "snapshot_results" / path.stem
-        if (out_dir / "results.json").is_file():
-            continue
-        summary, _ = test.run_test(dict(cfg, reload_model_path=str(path), save_predictions=False), out_dir)
-        print(f"{path.name}: mean Dice {summary['mean']['model']['dice']:.4f}", flush=True)
+    passes = [("", cfg.get("eval_weights", "auto"))] + ([("_raw", "raw")] if args.raw_too else [])
+    for suffix, weights in passes:
+        for path in sorted(snapshots.glob(f"{STEP_PREFIX}*.pth")):
+            out_dir = Path(args.run_dir) / f"snapshot_results{suffix}" / path.stem
+            if (out_dir / "results.json").is_file():
+                continue
+            summary, _ = test.run_test(dict(cfg, reload_model_path=str(path), save_predictions=False,
+                                            eval_weights=weights), out_dir)
+            print(f"{path.name} ({summary['weights']} weights): mean Dice {summary['mean']['model']['dice']:.4f}",
+                  flush=True)
+    if args.raw_too:
+        summary, out_dir = test.run_test(dict(cfg, reload_model_path=str(final), save_predictions=False,
+                                              eval_weights="raw"), Path(args.run_dir) / "results_raw")
+        print(f"final ({summary['weights']} weights): mean Dice {summary['mean']['model']['dice']:.4f}", flush=True)
     summary, out_dir = test.run_test(dict(cfg, reload_model_path=str(final)))
     print(test.format_table(summary))
     print(f"results: {out_dir / 'results.json'}")

@@ -27,8 +27,10 @@ LOGGER = logging.getLogger("training")
 
 __all__ = ["LoopSettings", "set_train_mode", "prune_snapshots", "train_loop"]
 
-#: the auxiliary outputs of the model that are logged (threshold temperature, threshold, kept pixels)
-LOGGED_AUX = ("tau", "xi", "kept_fraction")
+#: the auxiliary outputs that are logged: the query threshold offset tau, the de-biasing threshold xi, the
+#: kept fraction of support pixels, and the fractions of query pixels predicted (p > 0.5) and labelled
+#: foreground: a run that drifts to the all-background solution shows pred_fg_fraction -> 0
+LOGGED_AUX = ("tau", "xi", "kept_fraction", "pred_fg_fraction", "true_fg_fraction")
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class LoopSettings:
             pruned (None or 0: none).
         keep_snapshots: step snapshots kept (older ones deleted).
         time_limit_min: wall-clock budget in minutes (0: none).
-        loss_gamma, class_weights: focal-loss parameters (:func:`models.losses.episode_loss`).
+        loss_gamma, class_weights, loss_normalize: focal-loss parameters (:func:`models.losses.episode_loss`).
     """
 
     n_steps: int
@@ -54,6 +56,7 @@ class LoopSettings:
     time_limit_min: float = 0.0
     loss_gamma: float = 0.7
     class_weights: tuple = (0.1, 1.0)
+    loss_normalize: str = "pixels"
 
 
 def set_train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
@@ -95,15 +98,23 @@ def _optimisation_step(state: TrainingState, net: torch.nn.Module, batch: dict[s
         for key in ("support_images", "support_masks", "query_images", "query_masks"))
     with autocast(device, state.amp):
         probs, aux = net(support_images, support_masks, query_images)
-    loss = episode_loss(probs, query_masks, settings.loss_gamma, settings.class_weights)
+    loss = episode_loss(probs, query_masks, settings.loss_gamma, settings.class_weights, settings.loss_normalize)
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"loss is {loss.item()} at step {state.step + 1}; lower optim.lr or use amp=off")
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
+    if state.grad_clip > 0:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.grad_clip)
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.scheduler.step()
+    if state.averaged is not None:
+        state.averaged.update_parameters(state.model)
     state.step += 1
+    with torch.no_grad():
+        aux = dict(aux, pred_fg_fraction=(probs[..., 1, :, :] > 0.5).float().mean(),
+                   true_fg_fraction=(query_masks > 0).float().mean())
     return loss, aux
 
 

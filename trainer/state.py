@@ -2,7 +2,9 @@
 
 A snapshot holds the model, optimiser, learning-rate schedule, loss scaler, step count and every random
 generator's state, so a resumed run continues bit for bit where it stopped; it also stores the run's
-config and fold (which volumes it trained on), which evaluation checks.
+config and fold (which volumes it trained on), which evaluation checks. With ``ema_decay > 0`` it also
+holds the exponential moving average of the weights (``model_ema``, batch-norm buffers included), which
+evaluation reads by default.
 """
 from __future__ import annotations
 
@@ -12,26 +14,75 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from models.fewshot import FewShotSeg
-from util.checkpoints import capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from util.checkpoints import AVERAGED_KEY, capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
 from util.distributed import DistributedContext, barrier
 
 LOGGER = logging.getLogger("training")
 
-__all__ = ["OptimSettings", "TrainingState", "build_training_state", "resume_training_state", "save_training_state"]
+__all__ = ["LR_SCHEDULES", "EMA_KEY", "OptimSettings", "TrainingState", "build_lr_schedule", "build_training_state",
+           "resume_training_state", "save_training_state"]
+
+#: learning-rate schedules: "step" (x lr_gamma every lr_step_size steps, the paper's) or "cosine" (from lr
+#: down to lr * lr_final_factor at the last step)
+LR_SCHEDULES = ("step", "cosine")
+#: checkpoint key of the averaged weights (a state dict of the same model)
+EMA_KEY = AVERAGED_KEY
 
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """SGD with momentum and a step learning-rate schedule (multiplied by ``lr_gamma`` every
-    ``lr_step_size`` steps)."""
+    """SGD with momentum, a learning-rate schedule and optional weight averaging.
+
+    Attributes:
+        lr, momentum, weight_decay: SGD.
+        lr_step_size, lr_gamma: the ``step`` schedule (x ``lr_gamma`` every ``lr_step_size`` steps).
+        lr_schedule: ``step`` or ``cosine`` (half a cosine from ``lr`` to ``lr * lr_final_factor`` over
+            ``n_steps``).
+        n_steps: length of the run (the cosine schedule ends there).
+        lr_final_factor: the cosine schedule's last learning rate, as a fraction of ``lr``.
+        lr_warmup_steps: linear warm-up from ``lr / warmup`` to ``lr`` over these first steps (either
+            schedule; 0: none).
+        ema_decay: decay of the exponential moving average of the weights (0: no average).
+        grad_clip: the gradients' total norm is clipped to this value before each update (0: no clipping).
+    """
 
     lr: float
     momentum: float
     weight_decay: float
     lr_step_size: int
     lr_gamma: float
+    lr_schedule: str = "step"
+    n_steps: int = 0
+    lr_final_factor: float = 0.01
+    lr_warmup_steps: int = 0
+    ema_decay: float = 0.0
+    grad_clip: float = 0.0
+
+
+def build_lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimSettings) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule of ``optim`` (stepped once per optimisation step).
+
+    ``step``: ``lr * lr_gamma ** (t // lr_step_size)``; ``cosine``: ``lr * (f + (1 - f) (1 + cos(pi t / T)) / 2)``
+    with ``f = lr_final_factor`` and ``T = n_steps - lr_warmup_steps``; a warm-up multiplies the first
+    ``lr_warmup_steps`` steps by ``(t + 1) / lr_warmup_steps``.
+    """
+    if optim.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {optim.lr_schedule!r}")
+    warmup = optim.lr_warmup_steps
+    if optim.lr_schedule == "step":
+        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=optim.lr_step_size, gamma=optim.lr_gamma)
+    else:
+        if optim.n_steps <= warmup:
+            raise ValueError(f"the cosine schedule needs n_steps ({optim.n_steps}) > lr_warmup_steps ({warmup})")
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=optim.n_steps - warmup,
+                                                          eta_min=optim.lr * optim.lr_final_factor)
+    if warmup <= 0:
+        return main
+    ramp = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / warmup))
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
 @dataclass
@@ -43,6 +94,8 @@ class TrainingState:
         amp: the resolved precision (``"off"``, ``"bf16"`` or ``"fp16"``).
         step: completed optimisation steps.
         record: stored with every snapshot (``config``, ``fold``) and never read back by training.
+        averaged: the exponential moving average of the model's weights and buffers (None: not kept).
+        grad_clip: total gradient norm clipped to this before each update (0: no clipping).
     """
 
     model: FewShotSeg
@@ -52,6 +105,8 @@ class TrainingState:
     amp: str
     step: int = 0
     record: dict[str, Any] = field(default_factory=dict)
+    averaged: Optional[AveragedModel] = None
+    grad_clip: float = 0.0
 
 
 def build_training_state(model_cfg: Mapping[str, Any], optim: OptimSettings, amp: str, device: torch.device,
@@ -69,9 +124,13 @@ def build_training_state(model_cfg: Mapping[str, Any], optim: OptimSettings, amp
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
                                 weight_decay=optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=optim.lr_step_size, gamma=optim.lr_gamma)
+    scheduler = build_lr_schedule(optimizer, optim)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    return TrainingState(model, optimizer, scheduler, scaler, amp, 0, dict(record or {}))
+    averaged = None
+    if optim.ema_decay > 0:
+        # batch-norm running statistics are averaged too, so the averaged model needs no recalibration
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(optim.ema_decay), use_buffers=True)
+    return TrainingState(model, optimizer, scheduler, scaler, amp, 0, dict(record or {}), averaged, optim.grad_clip)
 
 
 def resume_training_state(state: TrainingState, snapshot_dir: Path, device: torch.device) -> Optional[Path]:
@@ -84,6 +143,12 @@ def resume_training_state(state: TrainingState, snapshot_dir: Path, device: torc
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
     state.scaler.load_state_dict(saved["scaler"])
+    if state.averaged is not None:
+        if EMA_KEY not in saved:
+            raise ValueError(f"{last} holds no averaged weights but ema_decay > 0; resume with the run's own "
+                             "ema_decay or start a new run folder")
+        state.averaged.module.load_state_dict(saved[EMA_KEY])
+        state.averaged.n_averaged.fill_(int(saved.get("ema_n_averaged", 1)))
     restore_rng_state(saved["rng"])
     state.step = int(saved["step"])
     return last
@@ -92,7 +157,11 @@ def resume_training_state(state: TrainingState, snapshot_dir: Path, device: torc
 def save_training_state(state: TrainingState, path: Path, ctx: DistributedContext) -> None:
     """Write a snapshot of ``state`` (rank 0 only, atomically); every rank waits until it is written."""
     if ctx.is_main:
-        save_checkpoint({"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-                         "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
-                         "step": state.step, "rng": capture_rng_state(), **state.record}, path)
+        content = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                   "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
+                   "step": state.step, "rng": capture_rng_state(), **state.record}
+        if state.averaged is not None:
+            content[EMA_KEY] = state.averaged.module.state_dict()
+            content["ema_n_averaged"] = int(state.averaged.n_averaged)
+        save_checkpoint(content, path)
     barrier(ctx)

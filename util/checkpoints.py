@@ -121,6 +121,36 @@ def load_model_weights(model: torch.nn.Module, path: str | os.PathLike, state: d
     return len(weights)
 
 
+#: checkpoint key of the exponential moving average of the weights (written when ema_decay > 0)
+AVERAGED_KEY = "model_ema"
+
+
+def select_weights(state: dict[str, Any], choice: str, path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """The weights of a checkpoint that evaluation reads.
+
+    Args:
+        state: the checkpoint's content (:func:`load_checkpoint`).
+        choice: ``auto`` (the averaged weights when the checkpoint has them, else the raw ones),
+            ``averaged`` or ``raw``.
+        path: the checkpoint file, named in errors.
+
+    Returns:
+        (``{"model": state_dict}`` for :func:`load_model_weights`, ``"averaged"`` or ``"raw"``).
+
+    Raises:
+        ValueError: ``averaged`` was asked of a checkpoint without averaged weights, or an unknown choice.
+    """
+    if choice not in ("auto", "averaged", "raw"):
+        raise ValueError(f"config key 'eval_weights' is {choice!r}; expected 'auto', 'averaged' or 'raw'")
+    has_averaged = AVERAGED_KEY in state
+    if choice == "averaged" and not has_averaged:
+        raise ValueError(f"config key 'eval_weights' is 'averaged' but {path} holds no averaged weights "
+                         "(trained with ema_decay=0); use eval_weights=raw or auto")
+    if has_averaged and choice != "raw":
+        return {"model": state[AVERAGED_KEY]}, "averaged"
+    return {"model": state.get("model", state)}, "raw"
+
+
 def capture_rng_state() -> dict[str, Any]:
     """Random states of Python, NumPy and torch (CPU and CUDA), for exact resumption."""
     state = {
