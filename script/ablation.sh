@@ -14,7 +14,7 @@
 # run folders without a seed suffix; else each arm once per seed, in folders ending _seed<k>), ARMS (every
 # FOLDS x MODES pair as fold:mode, or fold:mode:seed triples), LOG_DIR (runs/ablation), PARALLEL (1: arms
 # one after another with all cores; N: N lanes of arms side by side, lane k pinned to core k with nproc/N
-# threads), RAW_TOO (1: also score the raw weights of runs that keep averaged ones), PYTHON (python).
+# threads; THREADS overrides the thread count), RAW_TOO (1: also score the raw weights of runs that keep averaged ones), PYTHON (python).
 # Finished arms are not retrained (resume=True) and evaluated snapshots are not re-evaluated, so the script
 # can be re-run after an interruption.
 set -euo pipefail
@@ -36,7 +36,7 @@ if [ -z "${ARMS:-}" ]; then
 fi
 read -r -a arms <<< "$ARMS"
 cores=$(nproc)
-threads=$(( cores / PARALLEL > 0 ? cores / PARALLEL : 1 ))
+threads=${THREADS:-$(( cores / PARALLEL > 0 ? cores / PARALLEL : 1 ))}
 common=(dataset="$DATASET" setting="$SETTING" data_root="$DATA_ROOT" path.log_dir="$LOG_DIR" num_threads="$threads")
 if [ -n "${SV_DIR:-}" ]; then common+=(supervoxel_dir="$SV_DIR"); fi
 
