@@ -2,13 +2,16 @@
 
     python script/ablation_report.py runs/ablation
 
-Reads every ``<dataset>_setting<s>_fold<f>_<mode>`` run below the folder: ``results/results.json`` (the
-final weights), ``snapshot_results/step_<n>/results.json`` and the Sacred ``train/*/metrics.json``.
+Reads every ``<dataset>_setting<s>_fold<f>_<mode>[_seed<k>]`` run below the folder: ``results/results.json``
+(the final weights), ``snapshot_results/step_<n>/results.json`` and the Sacred ``train/*/metrics.json``.
 Writes into the folder:
 
-- ``ablation.md`` / ``ablation.csv``: Dice per organ and the mean for every (fold, arm), the
+- ``ablation.md`` / ``ablation.csv``: Dice per organ and the mean for every (fold, arm, seed), the
   copy-the-support baseline of the same evaluation, and, over several folds, the mean over folds of each
   arm (only folds that every listed arm has);
+- ``summary.md``: per arm the mean +- standard deviation over its runs (folds x seeds) of every organ's
+  Dice and the mean, with the copy-the-support baseline; for each pair of arms the paired difference of
+  the mean Dice (runs matched on fold and seed) with a 95 % bootstrap interval and the number of pairs;
 - ``curves_fold<f>.png``: loss (moving average), threshold xi and kept fraction of support pixels against
   step, one line per arm;
 - ``dice_vs_step.png``: mean Dice of the snapshots and final weights against step, one line per (fold, arm).
@@ -25,11 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-RUN_PATTERN = re.compile(r"^(?P<dataset>\w+?)_setting(?P<setting>\d)_fold(?P<fold>\d+)_(?P<mode>learned|fixed|off)$")
-MODES = ("learned", "fixed", "off")
+RUN_PATTERN = re.compile(r"^(?P<dataset>\w+?)_setting(?P<setting>\d)_fold(?P<fold>\d+)_"
+                         r"(?P<mode>learned_st|learned|fixed|off)(?:_seed(?P<seed>\d+))?$")
+MODES = ("learned", "learned_st", "fixed", "off")
 CURVES = (("loss", "focal loss (moving average of 10 logs)"), ("xi", "threshold xi (learned, fixed)"),
-          ("kept_fraction", "kept fraction of support pixels (moving average)"))
+          ("kept_fraction", "kept fraction of support pixels (moving average)"),
+          ("pred_fg_fraction", "predicted foreground fraction of the query (moving average)"))
 LAST_N = 3  # the table also gives the mean Dice of the last LAST_N evaluated checkpoints: one snapshot is noisy
+CI_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 10000
+BOOTSTRAP_SEED = 0
 
 
 def read_json(path: Path) -> dict:
@@ -70,6 +78,7 @@ def collect(root: Path) -> list[dict]:
         records.append({
             "run": run, "dataset": match["dataset"], "setting": int(match["setting"]),
             "fold": int(match["fold"]), "mode": match["mode"], "classes": list(summary["classes"]),
+            "seed": None if match["seed"] is None else int(match["seed"]),
             "model": {name: c["model"]["dice"] for name, c in summary["classes"].items()},
             "copy": {name: c["copy_support"]["dice"] for name, c in summary["classes"].items()},
             "mean": summary["mean"]["model"]["dice"], "copy_mean": summary["mean"]["copy_support"]["dice"],
@@ -90,32 +99,117 @@ def last_n_mean(snapshots: list[tuple[int, float]], n: int = LAST_N) -> float | 
 def table_rows(records: list[dict]) -> tuple[list[str], list[list]]:
     """Header and rows: per fold the arms then the baseline; then the mean over folds when several."""
     classes = records[0]["classes"]
-    header = ["fold", "arm", "steps", *classes, "mean", f"mean of last {LAST_N} checkpoints", "precision", "recall"]
+    seeded = any(r["seed"] is not None for r in records)
+    header = ["fold", "arm", *(["seed"] if seeded else []), "steps", *classes, "mean",
+              f"mean of last {LAST_N} checkpoints", "precision", "recall"]
     rows = []
     by_fold: dict[int, dict[str, dict]] = defaultdict(dict)
+    runs_by_fold: dict[int, list[dict]] = defaultdict(list)
     for rec in records:
-        by_fold[rec["fold"]][rec["mode"]] = rec
+        by_fold[rec["fold"]].setdefault(rec["mode"], rec)
+        runs_by_fold[rec["fold"]].append(rec)
+    pad = [""] if seeded else []
     for fold in sorted(by_fold):
         arms = by_fold[fold]
-        for mode in MODES:
-            if mode in arms:
-                r = arms[mode]
-                last = "" if r["last_mean"] is None else r["last_mean"]
-                rows.append([fold, mode, r["step"], *(r["model"][c] for c in classes), r["mean"], last,
-                             r["precision"], r["recall"]])
+        for r in sorted(runs_by_fold[fold], key=lambda r: (MODES.index(r["mode"]), r["seed"] or 0)):
+            last = "" if r["last_mean"] is None else r["last_mean"]
+            seed = [("" if r["seed"] is None else r["seed"])] if seeded else []
+            rows.append([fold, r["mode"], *seed, r["step"], *(r["model"][c] for c in classes), r["mean"], last,
+                         r["precision"], r["recall"]])
         base = next(iter(arms.values()))
-        rows.append([fold, "copy-the-support", "", *(base["copy"][c] for c in classes), base["copy_mean"], "", "", ""])
-    if len(by_fold) > 1:
+        rows.append([fold, "copy-the-support", *pad, "", *(base["copy"][c] for c in classes), base["copy_mean"], "", "",
+                     ""])
+    if len(by_fold) > 1 and not seeded:  # seeded sweeps: summary.md gives the means over folds and seeds
         for mode in (*MODES, "copy-the-support"):
             folds = [f for f in sorted(by_fold) if (mode in by_fold[f] if mode != "copy-the-support" else True)]
             if len(folds) < 2:
                 continue
             picked = [by_fold[f][mode] if mode in MODES else next(iter(by_fold[f].values())) for f in folds]
             key, mean_key = ("model", "mean") if mode in MODES else ("copy", "copy_mean")
-            rows.append([f"mean of {len(folds)} folds ({' '.join(map(str, folds))})", mode, "",
+            rows.append([f"mean of {len(folds)} folds ({' '.join(map(str, folds))})", mode, *pad, "",
                          *(float(np.mean([p[key][c] for p in picked])) for c in classes),
                          float(np.mean([p[mean_key] for p in picked])), "", "", ""])
     return header, rows
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def arm_summary(records: list[dict]) -> list[dict]:
+    """Per arm: mean +- std over its runs (folds x seeds) of each organ's Dice and of the mean Dice.
+
+    The copy-the-support baseline does not depend on the arm or the seed, so it is averaged over the folds
+    (one value per fold).
+    """
+    classes = records[0]["classes"]
+    out = []
+    for mode in MODES:
+        runs = [r for r in records if r["mode"] == mode]
+        if runs:
+            out.append({"arm": mode, "n": len(runs), "folds": sorted({r["fold"] for r in runs}),
+                        "seeds": sorted({r["seed"] for r in runs if r["seed"] is not None}),
+                        "classes": {c: mean_std([r["model"][c] for r in runs]) for c in classes},
+                        "mean": mean_std([r["mean"] for r in runs])})
+    per_fold = {r["fold"]: r for r in records}
+    out.append({"arm": "copy-the-support", "n": len(per_fold), "folds": sorted(per_fold), "seeds": [],
+                "classes": {c: mean_std([r["copy"][c] for r in per_fold.values()]) for c in classes},
+                "mean": mean_std([r["copy_mean"] for r in per_fold.values()])})
+    return out
+
+
+def bootstrap_ci(differences: list[float], level: float = CI_LEVEL, n_resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = BOOTSTRAP_SEED) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean of paired differences (None for fewer than two pairs)."""
+    if len(differences) < 2:
+        return None
+    from scipy.stats import bootstrap
+
+    result = bootstrap((np.asarray(differences, dtype=float),), np.mean, confidence_level=level,
+                       n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def paired_differences(records: list[dict], arm_a: str, arm_b: str) -> dict | None:
+    """Mean Dice of ``arm_a`` minus ``arm_b`` over runs matched on (fold, seed), with its bootstrap interval.
+
+    Returns:
+        ``{"a", "b", "n", "pairs": [(fold, seed, diff)], "mean", "ci": (low, high) | None}``; None when no
+        (fold, seed) has both arms.
+    """
+    a = {(r["fold"], r["seed"]): r["mean"] for r in records if r["mode"] == arm_a}
+    b = {(r["fold"], r["seed"]): r["mean"] for r in records if r["mode"] == arm_b}
+    keys = sorted(set(a) & set(b), key=lambda k: (k[0], -1 if k[1] is None else k[1]))
+    if not keys:
+        return None
+    diffs = [a[k] - b[k] for k in keys]
+    return {"a": arm_a, "b": arm_b, "n": len(keys), "pairs": [(f, s, d) for (f, s), d in zip(keys, diffs)],
+            "mean": float(np.mean(diffs)), "ci": bootstrap_ci(diffs)}
+
+
+def summary_markdown(records: list[dict]) -> str:
+    """``summary.md``: the per-arm table and the paired differences of every pair of arms."""
+    classes = records[0]["classes"]
+    lines = ["| arm | runs | folds | seeds | " + " | ".join(classes) + " | mean |",
+             "|" + "---|" * (len(classes) + 5)]
+    for row in arm_summary(records):
+        cells = [f"{m:.3f} +- {sd:.3f}" for m, sd in (row["classes"][c] for c in classes)]
+        m, sd = row["mean"]
+        lines.append(f"| {row['arm']} | {row['n']} | {' '.join(map(str, row['folds']))} | "
+                     f"{' '.join(map(str, row['seeds'])) or '-'} | " + " | ".join(cells) + f" | {m:.3f} +- {sd:.3f} |")
+    modes = [m for m in MODES if any(r["mode"] == m for r in records)]
+    pairs = [paired_differences(records, a, b) for i, a in enumerate(modes) for b in modes[i + 1:]]
+    pairs = [p for p in pairs if p is not None]
+    if pairs:
+        lines += ["", f"Paired differences of the mean Dice (same fold, same seed; {CI_LEVEL:.0%} percentile "
+                      f"bootstrap over the pairs, {BOOTSTRAP_RESAMPLES} resamples):", "",
+                  "| difference | mean | 95% CI | pairs |", "|---|---|---|---|"]
+        for p in pairs:
+            ci = "n/a (one pair)" if p["ci"] is None else f"[{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
+            lines.append(f"| {p['a']} - {p['b']} | {p['mean']:+.3f} | {ci} | {p['n']} |")
+    return "\n".join(lines) + "\n"
 
 
 def fmt(value) -> str:
@@ -148,9 +242,9 @@ def plot(records: list[dict], root: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    colours = {"learned": "tab:blue", "fixed": "tab:orange", "off": "tab:green"}
+    colours = {"learned": "tab:blue", "learned_st": "tab:purple", "fixed": "tab:orange", "off": "tab:green"}
     for fold in sorted({r["fold"] for r in records}):
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+        fig, axes = plt.subplots(1, len(CURVES), figsize=(4.3 * len(CURVES), 3.4))
         for rec in (r for r in records if r["fold"] == fold):
             metrics = train_metrics(rec["run"])
             for ax, (name, title) in zip(axes, CURVES):
@@ -162,7 +256,9 @@ def plot(records: list[dict], root: Path) -> list[Path]:
                 if name != "xi":
                     values = moving_average(values)
                     steps = steps[len(steps) - len(values):]
-                ax.plot(steps, values, label=rec["mode"], color=colours[rec["mode"]], lw=1.2)
+                label = rec["mode"] if rec["seed"] is None else f"{rec['mode']} seed {rec['seed']}"
+                ax.plot(steps, values, label=label, color=colours[rec["mode"]], lw=1.2,
+                        ls=["-", "--", ":", "-."][(rec["seed"] or 0) % 4])
                 ax.set_title(title, fontsize=10)
                 ax.set_xlabel("step")
         axes[0].legend()
@@ -177,8 +273,9 @@ def plot(records: list[dict], root: Path) -> list[Path]:
     for rec in records:
         if rec["snapshots"]:
             steps, dice = zip(*rec["snapshots"])
+            seed = "" if rec["seed"] is None else f" seed {rec['seed']}"
             ax.plot(steps, dice, marker="o", ms=3, color=colours[rec["mode"]], ls=styles[rec["fold"] % len(styles)],
-                    label=f"fold {rec['fold']} {rec['mode']}")
+                    label=f"fold {rec['fold']} {rec['mode']}{seed}")
     for fold in sorted({r["fold"] for r in records}):
         base = next(r for r in records if r["fold"] == fold)
         ax.axhline(base["copy_mean"], color="grey", lw=0.8, ls=styles[fold % len(styles)])
@@ -209,8 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     header, rows = table_rows(records)
     md, csv_path = write_tables(header, rows, args.root)
+    summary = args.root / "summary.md"
+    summary.write_text(summary_markdown(records))
     print(md.read_text(), end="")
-    written = [md, csv_path] + ([] if args.no_plots else plot(records, args.root))
+    print(summary.read_text(), end="")
+    written = [md, csv_path, summary] + ([] if args.no_plots else plot(records, args.root))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

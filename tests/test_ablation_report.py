@@ -112,3 +112,65 @@ def test_ablation_script_trains_evaluates_and_reports(synth_root, tmp_path):
     table = (tmp_path / "ablation.md").read_text()
     assert "| 0 | learned | 2 |" in table and "| 0 | off | 2 |" in table and "copy-the-support" in table
     assert (tmp_path / "SYNTH_setting1_fold0_learned" / "snapshot_results" / "step_0000001" / "results.json").is_file()
+
+
+def _record(mode: str, fold: int, seed, mean: float, organs=(0.0, 0.0)) -> dict:
+    return {"mode": mode, "fold": fold, "seed": seed, "mean": mean, "classes": ["liver", "spleen"],
+            "model": {"liver": organs[0], "spleen": organs[1]}, "copy": {"liver": 0.1 * fold, "spleen": 0.2},
+            "copy_mean": 0.1 * fold + 0.1}
+
+
+def test_paired_differences_match_fold_and_seed_and_average_the_pairs():
+    report = load_report()
+    records = [_record("learned", 0, 1, 0.60), _record("learned", 0, 2, 0.50), _record("learned", 1, 1, 0.70),
+               _record("off", 0, 1, 0.55), _record("off", 0, 2, 0.58), _record("off", 1, 1, 0.40),
+               _record("off", 2, 1, 0.99)]  # fold 2 has no learned run: no pair
+    result = report.paired_differences(records, "learned", "off")
+    assert result["n"] == 3
+    assert [(f, s) for f, s, _ in result["pairs"]] == [(0, 1), (0, 2), (1, 1)]
+    diffs = [0.60 - 0.55, 0.50 - 0.58, 0.70 - 0.40]
+    assert [d for _, _, d in result["pairs"]] == pytest.approx(diffs)
+    assert result["mean"] == pytest.approx(sum(diffs) / 3)  # the mean, not the median (0.05)
+    low, high = result["ci"]
+    # a percentile bootstrap of the mean lies within the range of the differences and around their mean
+    assert min(diffs) <= low < result["mean"] < high <= max(diffs)
+    assert report.paired_differences(records, "learned", "fixed") is None
+    assert report.bootstrap_ci([0.1]) is None  # one pair: no interval
+
+
+def test_bootstrap_interval_is_reproducible_and_shrinks_with_more_pairs():
+    report = load_report()
+    few = [0.05, -0.02, 0.08, 0.01]
+    assert report.bootstrap_ci(few) == report.bootstrap_ci(few)
+    many = few * 25
+    (lo_few, hi_few), (lo_many, hi_many) = report.bootstrap_ci(few), report.bootstrap_ci(many)
+    assert hi_many - lo_many < 0.5 * (hi_few - lo_few)
+    assert lo_many < 0.03 < hi_many  # the mean of the differences, 0.03
+
+
+def test_arm_summary_is_mean_and_sample_std_over_runs_and_baseline_over_folds():
+    report = load_report()
+    records = [_record("learned", 0, 1, 0.6, (0.5, 0.7)), _record("learned", 1, 1, 0.8, (0.7, 0.9)),
+               _record("learned", 1, 2, 0.7, (0.9, 0.5)), _record("off", 0, 1, 0.5)]
+    rows = {r["arm"]: r for r in report.arm_summary(records)}
+    learned = rows["learned"]
+    assert learned["n"] == 3 and learned["folds"] == [0, 1] and learned["seeds"] == [1, 2]
+    assert learned["mean"] == pytest.approx((0.7, 0.1))  # mean 0.7, sample std 0.1
+    assert learned["classes"]["liver"] == pytest.approx((0.7, 0.2))
+    assert rows["off"]["mean"] == (0.5, 0.0)
+    copy = rows["copy-the-support"]
+    assert copy["n"] == 2 and copy["mean"][0] == pytest.approx((0.1 + 0.2) / 2)  # one value per fold
+    text = report.summary_markdown(records)
+    assert "| learned | 3 | 0 1 | 1 2 | 0.700 +- 0.200 | 0.700 +- 0.200 | 0.700 +- 0.100 |" in text and "| learned - off | +0.100 | n/a (one pair) | 1 |" in text
+
+
+def test_seeded_run_folders_are_read_with_their_seed(tmp_path):
+    report = load_report()
+    copy = {"liver": 0.5, "spleen": 0.3}
+    write_run(tmp_path, 0, "learned_seed1", {"liver": 0.6, "spleen": 0.4}, copy, {100: 0.2}, 300, 0.4)
+    write_run(tmp_path, 0, "learned_st_seed2", {"liver": 0.7, "spleen": 0.5}, copy, {100: 0.1}, 300, 0.9)
+    records = sorted(report.collect(tmp_path), key=lambda r: r["seed"])
+    assert [(r["mode"], r["seed"]) for r in records] == [("learned", 1), ("learned_st", 2)]
+    header, rows = report.table_rows(records)
+    assert header[:4] == ["fold", "arm", "seed", "steps"]
+    assert rows[0][:4] == [0, "learned", 1, 300] and rows[1][:4] == [0, "learned_st", 2, 300]
