@@ -107,6 +107,10 @@ def default_config() -> dict[str, Any]:
         # 21-tap elastic blur (the public code's distribution, one interpolation); "compact": one coin, shear
         # about the centre, reflected border, 41-tap blur (this project's first augmentation)
         augment_profile="public",
+        # training: each support mask grows by a radius drawn from 0..support_spill_px pixels, an annotation
+        # that overshoots into the neighbouring tissue, so the de-biasing selection has pixels to discard
+        # (docs/method.md); the query mask stays exact. 0: exact supervoxel / label masks
+        support_spill_px=0,
 
         model={
             "backbone": "resnet101",
@@ -403,7 +407,7 @@ def _check_runtime(cfg: dict[str, Any]) -> None:
         _require(isinstance(cfg[key], int) and cfg[key] >= 1, f"config key '{key}' is {cfg[key]!r}; expected an integer >= 1")
     _require(cfg["image_size"] is None or (isinstance(cfg["image_size"], int) and cfg["image_size"] >= 32),
              f"config key 'image_size' is {cfg['image_size']!r}; expected None (the data's size) or an integer >= 32")
-    for key in ("num_workers", "eval_batch", "lr_warmup_steps"):
+    for key in ("num_workers", "eval_batch", "lr_warmup_steps", "support_spill_px"):
         _require(isinstance(cfg[key], int) and cfg[key] >= 0, f"config key '{key}' is {cfg[key]!r}; expected an integer >= 0")
     _require(cfg["lr_schedule"] != "cosine" or cfg["lr_warmup_steps"] < cfg["n_steps"],
              f"config key 'lr_warmup_steps' is {cfg['lr_warmup_steps']!r}; the cosine schedule needs fewer "

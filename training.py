@@ -48,7 +48,7 @@ def build_episodes(cfg: dict[str, Any], world_size: int = 1) -> Dataset:
         cases, cfg["n_steps"] * cfg["batch_size"] * world_size, use_gt=cfg["use_gt"],
         test_labels=cfg["test_label"], exclude_labels=cfg["exclude_label"], exclude_mode=cfg["exclude_mode"],
         n_shot=cfg["n_shot"], augment=cfg["augment"], seed=cfg["seed"], min_pixels=cfg["min_fg_pixels"],
-        sampler=cfg["sampler"], augment_profile=cfg["augment_profile"])
+        sampler=cfg["sampler"], augment_profile=cfg["augment_profile"], support_spill_px=cfg["support_spill_px"])
     return ResizedEpisodes(episodes, cfg["image_size"]) if cfg.get("image_size") else episodes
 
 

@@ -52,7 +52,7 @@ from torch.utils.data import Dataset
 from dataloaders.dataset_specifics import DatasetSpec
 from dataloaders.folds import fold_volume_ids
 from dataloaders.transforms import (AUGMENT_PROFILES, AugmentParams, augment_pair, augment_params,
-                                   gamma_transform, geometric_transform)
+                                   gamma_transform, geometric_transform, spill_mask)
 from dataloaders.volume_io import Case, compact_labels, load_cases
 
 __all__ = [
@@ -154,6 +154,7 @@ class _RegionEpisodes(Dataset):
         augment_params: AugmentParams,
         what: str,
         sampler: str = "public",
+        support_spill_px: int = 0,
     ):
         if int(n_episodes) < 1:
             raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
@@ -166,6 +167,9 @@ class _RegionEpisodes(Dataset):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.sampler = sampler
+        if int(support_spill_px) < 0:
+            raise ValueError(f"support_spill_px must be >= 0, got {support_spill_px}")
+        self.support_spill_px = int(support_spill_px)
         if not cases:
             raise ValueError("no training volumes given")
         self.n_episodes = int(n_episodes)
@@ -258,6 +262,9 @@ class _RegionEpisodes(Dataset):
                     images[s], masks[s] = self._warp(augment_pair, images[s], masks[s], rng)
             else:
                 images[-1], masks[-1] = self._warp(augment_pair, images[-1], masks[-1], rng)
+        if self.support_spill_px:  # drawn last, so runs without it keep their episodes
+            for s in range(self.n_shot):
+                masks[s] = spill_mask(masks[s], int(rng.integers(0, self.support_spill_px + 1)))
         img = np.stack(images).astype(np.float32, copy=False)
         img3 = np.ascontiguousarray(np.broadcast_to(img[:, None], (img.shape[0], 3) + img.shape[1:]))
         msk = np.stack(masks)
@@ -286,6 +293,8 @@ class SupervoxelEpisodes(_RegionEpisodes):
         min_pixels: The larger mask of a window must have at least this many pixels.
         augment_params: Augmentation ranges and profile (``transforms.AUGMENT_PROFILES``).
         sampler: ``public`` or ``valid_windows`` (module docstring).
+        support_spill_px: Support masks grow by a radius drawn from 0..support_spill_px pixels
+            (``transforms.spill_mask``), drawn after everything else; the query mask stays exact (0: off).
     """
 
     def __init__(
@@ -300,6 +309,7 @@ class SupervoxelEpisodes(_RegionEpisodes):
         min_pixels: int = 200,
         augment_params: AugmentParams = AUGMENT_PROFILES["public"],
         sampler: str = "public",
+        support_spill_px: int = 0,
     ):
         regions = []
         for case in cases:
@@ -308,7 +318,7 @@ class SupervoxelEpisodes(_RegionEpisodes):
             regions.append(compact_labels(case.supervoxels))
         super().__init__(
             cases, regions, n_episodes, n_shot, exclude_labels, exclude_mode, augment, seed, min_pixels,
-            augment_params, "supervoxel", sampler,
+            augment_params, "supervoxel", sampler, support_spill_px,
         )
 
 
@@ -319,8 +329,8 @@ class GroundTruthEpisodes(_RegionEpisodes):
         cases: Training volumes with ``label`` loaded.
         n_episodes: Dataset length.
         test_labels: Classes never used as episode targets (set to background).
-        n_shot, exclude_labels, exclude_mode, augment, seed, min_pixels, augment_params, sampler: As in
-            ``SupervoxelEpisodes``.
+        n_shot, exclude_labels, exclude_mode, augment, seed, min_pixels, augment_params, sampler,
+            support_spill_px: As in ``SupervoxelEpisodes``.
     """
 
     def __init__(
@@ -336,6 +346,7 @@ class GroundTruthEpisodes(_RegionEpisodes):
         min_pixels: int = 200,
         augment_params: AugmentParams = AUGMENT_PROFILES["public"],
         sampler: str = "public",
+        support_spill_px: int = 0,
     ):
         test = np.asarray(sorted(int(c) for c in test_labels), dtype=np.int64)
         regions = []
@@ -349,7 +360,7 @@ class GroundTruthEpisodes(_RegionEpisodes):
         self.test_labels = tuple(int(c) for c in test)
         super().__init__(
             cases, regions, n_episodes, n_shot, exclude_labels, exclude_mode, augment, seed, min_pixels,
-            augment_params, "training class", sampler,
+            augment_params, "training class", sampler, support_spill_px,
         )
 
 
@@ -405,6 +416,7 @@ def build_training_episodes(
     min_pixels: int = 200,
     sampler: str = "public",
     augment_profile: str = "public",
+    support_spill_px: int = 0,
 ) -> _RegionEpisodes:
     """Episode dataset for a training run.
 
@@ -416,10 +428,14 @@ def build_training_episodes(
         exclude_labels: Classes whose slices are left out (Setting 2: the test classes; Setting 1: none).
         exclude_mode, n_shot, augment, seed, min_pixels, sampler: See ``SupervoxelEpisodes``.
         augment_profile: ``public`` or ``compact`` (``dataloaders.transforms``).
+        support_spill_px: each support mask grows by a radius drawn uniformly from 0..support_spill_px
+            pixels (``dataloaders.transforms.spill_mask``): an annotation that overshoots into the
+            neighbouring tissue; the query mask stays exact (0: off).
     """
     common = dict(
         n_shot=n_shot, exclude_labels=tuple(exclude_labels), exclude_mode=exclude_mode, augment=augment,
         seed=seed, min_pixels=min_pixels, sampler=sampler, augment_params=augment_params(augment_profile),
+        support_spill_px=support_spill_px,
     )
     if use_gt:
         return GroundTruthEpisodes(cases, n_episodes, tuple(test_labels), **common)

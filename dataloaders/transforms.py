@@ -42,6 +42,7 @@ __all__ = [
     "elastic_displacement",
     "geometric_transform",
     "augment_pair",
+    "spill_mask",
 ]
 
 
@@ -259,3 +260,26 @@ def augment_pair(
     """
     img = gamma_transform(image, rng, params.gamma_range)
     return geometric_transform(img, mask, rng, params)
+
+
+def spill_mask(mask: np.ndarray, radius: int) -> np.ndarray:
+    """A mask grown by ``radius`` pixels (dilation with a disk ``dy^2 + dx^2 <= radius^2``).
+
+    Training episodes can give the support an annotation that overshoots the region's boundary into the
+    neighbouring tissue, as manual organ masks do, so that the de-biasing selection has pixels to discard.
+
+    Args:
+        mask: [H, W] binary mask (any dtype; non-zero is foreground).
+        radius: pixels (0: the mask unchanged).
+
+    Returns:
+        [H, W] mask of ``mask``'s dtype with values 0/1.
+    """
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    binary = (mask != 0).astype(np.uint8)
+    if radius == 0:
+        return binary.astype(mask.dtype)
+    dy, dx = np.mgrid[-radius: radius + 1, -radius: radius + 1]
+    disk = ((dy * dy + dx * dx) <= radius * radius).astype(np.uint8)
+    return cv2.dilate(binary, disk, borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(mask.dtype)

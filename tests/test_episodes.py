@@ -193,3 +193,33 @@ def test_build_from_files(tmp_path):
         build_training_cases(tmp_path, spec, 0, None, use_gt=True), 4, use_gt=True, test_labels=(1, 4), min_pixels=20
     )
     assert {int(gt[i]["region_id"]) for i in range(4)} <= {2, 3}
+
+
+def test_spill_mask_grows_by_a_disk():
+    from dataloaders.transforms import spill_mask
+
+    mask = np.zeros((7, 7), np.float32)
+    mask[3, 3] = 1
+    grown = spill_mask(mask, 1)
+    assert grown.dtype == np.float32
+    assert sorted(zip(*np.nonzero(grown))) == [(2, 3), (3, 2), (3, 3), (3, 4), (4, 3)]  # dy^2 + dx^2 <= 1
+    assert int(spill_mask(mask, 2).sum()) == 13  # the 13 offsets with dy^2 + dx^2 <= 4
+    assert np.array_equal(spill_mask(mask, 0), mask)
+    with pytest.raises(ValueError, match="radius"):
+        spill_mask(mask, -1)
+
+
+def test_support_spill_grows_only_the_support_and_keeps_the_stream(cases):
+    exact = SupervoxelEpisodes(cases, n_episodes=12, seed=3, augment=False)
+    spilled = SupervoxelEpisodes(cases, n_episodes=12, seed=3, augment=False, support_spill_px=3)
+    grew = 0
+    for i in range(12):
+        a, b = exact[i], spilled[i]
+        # same slices, images and query: the spill radius is drawn after everything else
+        assert torch.equal(a["slice_indices"], b["slice_indices"]) and torch.equal(a["query_images"], b["query_images"])
+        assert torch.equal(a["query_masks"], b["query_masks"])
+        assert bool(((b["support_masks"] - a["support_masks"]) >= 0).all())  # a superset of the exact mask
+        grew += int(b["support_masks"].sum() > a["support_masks"].sum())
+    assert grew >= 6  # radius 0 is drawn a quarter of the time
+    with pytest.raises(ValueError, match="support_spill_px"):
+        SupervoxelEpisodes(cases, n_episodes=2, support_spill_px=-1)
