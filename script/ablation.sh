@@ -43,7 +43,7 @@ run_arm() {  # fold mode log_prefix pin... ; then named configs / overrides
   "${pin[@]}" "$PYTHON" training.py with "$@" "${common[@]}" eval_fold="$fold" model.dmap_mode="$mode" \
     resume=True > "$log.train.log" 2>&1
   echo "== $name: evaluating the final weights and every snapshot"
-  "${pin[@]}" "$PYTHON" script/evaluate_snapshots.py "$LOG_DIR/$name" -- "$@" "${common[@]}" eval_fold="$fold" \
+  "${pin[@]}" "$PYTHON" script/evaluate_snapshots.py -- "$@" "${common[@]}" eval_fold="$fold" \
     model.dmap_mode="$mode" > "$log.test.log" 2>&1
 }
 

@@ -2,7 +2,7 @@
 
     python script/ablation_report.py runs/ablation
 
-Reads every ``<dataset>_setting<s>_fold<f>_<mode>`` run below the folder: ``results/results.json`` (the
+Reads every ``<dataset>_setting<s>_fold<f>_<mode>[_<recipe>]`` run below the folder: ``results/results.json`` (the
 final weights), ``snapshot_results/step_<n>/results.json`` and the Sacred ``train/*/metrics.json``.
 Writes into the folder:
 
@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-RUN_PATTERN = re.compile(r"^(?P<dataset>\w+?)_setting(?P<setting>\d)_fold(?P<fold>\d+)_(?P<mode>learned|fixed|off)$")
+# config.experiment_name: the recipe (named configs and digest) and the tag may follow the mode
+RUN_PATTERN = re.compile(r"^(?P<dataset>\w+?)_setting(?P<setting>\d)_fold(?P<fold>\d+)_(?P<mode>learned|fixed|off)"
+                         r"(?:_.+)?$")
 MODES = ("learned", "fixed", "off")
 CURVES = (("loss", "focal loss (moving average of 10 logs)"), ("xi", "threshold xi (learned, fixed)"),
           ("kept_fraction", "kept fraction of support pixels (moving average)"))
