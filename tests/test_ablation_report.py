@@ -99,16 +99,24 @@ def test_with_words_parse_like_sacred():
 
 @pytest.mark.slow
 def test_ablation_script_trains_evaluates_and_reports(synth_root, tmp_path):
+    import os
     import subprocess
+    import sys
 
+    from config import build_config, run_dir
     from conftest import smoke_updates
 
     n_sv = smoke_updates(synth_root, tmp_path)["n_sv"]
-    env = {**__import__("os").environ, "DATASET": "SYNTH", "DATA_ROOT": str(synth_root), "LOG_DIR": str(tmp_path),
-           "ARMS": "0:learned 0:off"}
-    done = subprocess.run(["bash", str(REPO / "script" / "ablation.sh"), "smoke", f"n_sv={n_sv}", "n_steps=2",
-                           "save_snapshot_every=1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # the script's python is this test's interpreter, whether or not a virtual environment is activated
+    env = {**os.environ, "DATASET": "SYNTH", "DATA_ROOT": str(synth_root), "LOG_DIR": str(tmp_path),
+           "ARMS": "0:learned 0:off", "PYTHON": sys.executable}
+    words = ["smoke", f"n_sv={n_sv}", "n_steps=2", "save_snapshot_every=1"]
+    done = subprocess.run(["bash", str(REPO / "script" / "ablation.sh"), *words], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     table = (tmp_path / "ablation.md").read_text()
     assert "| 0 | learned | 2 |" in table and "| 0 | off | 2 |" in table and "copy-the-support" in table
-    assert (tmp_path / "SYNTH_setting1_fold0_learned" / "snapshot_results" / "step_0000001" / "results.json").is_file()
+    learned = run_dir(build_config(["smoke"], {"dataset": "SYNTH", "n_sv": n_sv, "n_steps": 2,
+                                               "path": {"log_dir": str(tmp_path)}}))
+    assert learned.name.startswith("SYNTH_setting1_fold0_learned_")  # a recipe other than the default one
+    assert (learned / "snapshot_results" / "step_0000001" / "results.json").is_file()
