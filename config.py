@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from sacred import SETTINGS, Experiment
 from sacred.observers import FileStorageObserver
@@ -33,8 +35,8 @@ from dataloaders.volume_io import supervoxel_dir
 from models.dmap import DMAP_MODES
 from models.encoder import BACKBONES
 from models.losses import LOSS_NORMALIZATIONS
+from models.pretrained import WEIGHT_NAMES, WeightsUnavailable, resolve_named_weights, weights_url
 from trainer.state import LR_SCHEDULES
-from models.pretrained import WEIGHT_NAMES, WeightsUnavailable, resolve_named_weights
 from util.amp import AMP_MODES
 from util.distributed import is_main_process
 
@@ -161,6 +163,9 @@ def default_config() -> dict[str, Any]:
         eval_batch=0,  # query slices per forward; 0 -> 16 on CUDA, 1 on CPU (batches were slower there)
         reload_model_path=None,  # None -> the eval_step snapshot if it exists, else <run_dir>/snapshots/final.pth
         eval_weights="auto",  # auto: the averaged weights when the checkpoint has them, else the raw | averaged | raw
+        # the model and image_size come from the checkpoint; this changes them for one evaluation, e.g.
+        # eval_override.model.fixed_threshold=0.8 or eval_override.image_size=128 (recorded in results.json)
+        eval_override={},
         save_predictions=True,
         n_overlays=3,  # PNG overlays per class and query volume
 
@@ -309,15 +314,254 @@ def repo_path(value: str | os.PathLike) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
-def experiment_name(cfg: dict[str, Any]) -> str:
-    """Folder name of a run, e.g. ``CHAOST2_setting1_fold0_learned``."""
-    name = f"{cfg['dataset']}_setting{cfg['setting']}_fold{cfg['eval_fold']}_{cfg['model']['dmap_mode']}"
-    return f"{name}_{cfg['tag']}" if cfg.get("tag") else name
+# Keys that do not change what a run learns: the evaluation protocol, where files are, and how a run is
+# executed, logged and stopped. Every other key, at the top level or in a sub-dict (``model``, ``loss``,
+# ``optim``, and any key added later), is training-relevant: it is part of the run folder's name, it must
+# match when a run is resumed, and folds averaged together must agree on it. ``amp`` is here because it
+# says how a run is computed, like ``device`` (``auto`` is bf16 on one machine and fp32 on another, and a
+# run may be resumed elsewhere); the precision actually used is stored in each checkpoint and reported.
+# ``test_label`` is training-relevant only with ``use_gt`` (the test classes are removed from the label
+# episodes); otherwise its effect on training, the Setting 2 exclusion, is carried by ``exclude_label``.
+NON_TRAINING_KEYS = frozenset({
+    # evaluation protocol (test.py)
+    "supp_idx", "rotate_support", "n_part", "eval_batch", "save_predictions", "n_overlays", "reload_model_path",
+    "eval_override", "eval_step", "eval_weights",
+    # locations
+    "data_root", "data_dir", "supervoxel_dir", "path", "tag", "run_dir", "snapshot_dir",
+    # execution, logging, stopping
+    "device", "num_workers", "num_threads", "cudnn_benchmark", "channels_last", "amp", "resume", "time_limit_min",
+    "log_every", "save_snapshot_every", "keep_snapshots", "tensorboard",
+})
+# training-relevant keys spelled out in the run folder's name itself
+RUN_NAME_KEYS = ("dataset", "setting", "eval_fold", "model.dmap_mode")
+DIGEST_LENGTH = 8
 
 
-def run_dir(cfg: dict[str, Any]) -> Path:
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"alpha": 10}}`` -> ``{"model.alpha": 10}`` (an empty sub-dict stays a value)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists and mappings as dicts, so that equal values compare and serialise alike."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality of config values (1 and 1.0 agree; True and 1 do not)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def weights_identity(value: str, backbone: str | None) -> str:
+    """How ``model.weights_path`` is compared between configs: the weights file's name, so that the same
+    file read from another folder or machine counts as the same, and ``coco`` as the file it resolves to."""
+    if not value:
+        return ""
+    if value in WEIGHT_NAMES and backbone:
+        try:
+            return Path(weights_url(value, backbone)).name
+        except (ValueError, KeyError):
+            return value
+    return Path(str(value)).name
+
+
+def _with_registry_values(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy with ``dataset`` spelled as in the registry and the labels and ``n_sv`` it leaves to the
+    registry filled in (as :func:`resolve_config` does); unknown data sets are left as they are."""
+    full = copy.deepcopy(dict(cfg))
+    name = str(full.get("dataset", "")).upper()
+    if name in DATASETS:
+        full["dataset"] = name
+        with contextlib.suppress(KeyError, ConfigError):
+            _resolve_labels(full, get_dataset_spec(name))
+    return full
+
+
+def training_view(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The training-relevant entries of a config (resolved or not) as ``{dotted key: value}``.
+
+    Everything but :data:`NON_TRAINING_KEYS`; labels and ``n_sv`` as the registry resolves them,
+    ``model.weights_path`` as :func:`weights_identity`, ``test_label`` only with ``use_gt``.
+    """
+    flat = {key: _plain(value) for key, value in _flatten(_with_registry_values(cfg)).items()
+            if key.split(".")[0] not in NON_TRAINING_KEYS}
+    if not flat.get("use_gt"):
+        flat.pop("test_label", None)
+    if "model.weights_path" in flat:
+        flat["model.weights_path"] = weights_identity(flat["model.weights_path"], flat.get("model.backbone"))
+    return flat
+
+
+def _name_values(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`RUN_NAME_KEYS` of a config."""
+    view = _flatten(_with_registry_values(cfg))
+    return {key: view.get(key) for key in RUN_NAME_KEYS}
+
+
+def _default_view(name_values: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`training_view` of the default config with the given run-name values."""
+    updates: dict[str, Any] = {key: value for key, value in name_values.items() if "." not in key}
+    updates["model"] = {"dmap_mode": name_values["model.dmap_mode"]}
+    return training_view(build_config((), updates))
+
+
+def recipe_differences(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The training-relevant values of ``cfg`` that differ from the default config of the same data set,
+    setting, fold and ``model.dmap_mode`` (the keys of the run folder's name left out)."""
+    view, base = training_view(cfg), _default_view(_name_values(cfg))
+    return {key: value for key, value in view.items()
+            if key not in RUN_NAME_KEYS and (key not in base or not _same(value, base[key]))}
+
+
+def _named_configs_of(cfg: Mapping[str, Any], differences: Mapping[str, Any]) -> list[str]:
+    """Named configs whose training-relevant values ``cfg`` all has (the most specific ones, in order).
+
+    A named config that sets a key of the folder's name (data set, setting, mode) to another value than
+    ``cfg`` has, or that changes nothing training-relevant, does not match.
+    """
+    own = _name_values(cfg)
+    matches: dict[str, dict[str, Any]] = {}
+    for name in NAMED_CONFIGS:
+        sets = _flatten(NAMED_CONFIGS[name])
+        named = _name_values(build_config([name]))
+        if any(key in sets and not _same(named[key], own[key]) for key in RUN_NAME_KEYS):
+            continue
+        placed = build_config([name], {"dataset": own["dataset"], "setting": own["setting"],
+                                       "eval_fold": own["eval_fold"], "model": {"dmap_mode": own["model.dmap_mode"]}})
+        wanted = recipe_differences(placed)
+        if wanted and _contained(wanted, differences):
+            matches[name] = wanted
+    return [name for name, wanted in matches.items()
+            if not any(other != name and len(wanted) < len(matches[other]) and _contained(wanted, matches[other])
+                       for other in matches)]
+
+
+def _contained(small: Mapping[str, Any], large: Mapping[str, Any]) -> bool:
+    """Whether every entry of ``small`` is in ``large`` with the same value."""
+    return all(key in large and _same(value, large[key]) for key, value in small.items())
+
+
+def recipe_suffix(cfg: Mapping[str, Any]) -> str:
+    """The part of the run folder's name that tells recipes apart: ``""`` for the default recipe, else the
+    named configs it contains and a digest of :func:`recipe_differences`, e.g. ``cpu-3f2a9c1e``."""
+    differences = recipe_differences(cfg)
+    if not differences:
+        return ""
+    text = json.dumps({key: _digestable(value) for key, value in differences.items()}, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:DIGEST_LENGTH]
+    return "-".join([*_named_configs_of(cfg, differences), digest])
+
+
+def _digestable(value: Any) -> Any:
+    """Numbers as floats (``lr_gamma=1`` and ``1.0`` are one recipe), booleans and the rest as they are."""
+    if isinstance(value, list):
+        return [_digestable(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def experiment_name(cfg: Mapping[str, Any]) -> str:
+    """Folder name of a run: ``<dataset>_setting<s>_fold<f>_<mode>[_<recipe>][_<tag>]``.
+
+    ``<recipe>`` is :func:`recipe_suffix`: absent for the default recipe (``CHAOST2_setting1_fold0_learned``),
+    else e.g. ``CHAOST2_setting1_fold0_learned_cpu-3f2a9c1e``; two configs that differ in a training-relevant
+    key never share a name, and ``test.py`` with the training command's named configs and overrides
+    finds the run.
+    """
+    own = _name_values(cfg)
+    name = f"{own['dataset']}_setting{own['setting']}_fold{own['eval_fold']}_{own['model.dmap_mode']}"
+    parts = [name, recipe_suffix(cfg), str(cfg.get("tag") or "")]
+    return "_".join(part for part in parts if part)
+
+
+def run_dir(cfg: Mapping[str, Any]) -> Path:
     """Where a run writes: snapshots, Sacred runs, predictions."""
     return repo_path(cfg["path"]["log_dir"]) / experiment_name(cfg)
+
+
+def training_differences(first: Mapping[str, Any], second: Mapping[str, Any],
+                         ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """The training-relevant keys on which two configs disagree, as (key, first value, second value).
+
+    A key one config lacks (a config stored by an earlier version) counts as the default's value.
+    """
+    views = []
+    for cfg in (first, second):
+        views.append({**_default_view(_name_values(cfg)), **training_view(cfg)})
+    keys = sorted((set(views[0]) | set(views[1])) - set(ignore))
+    return [(key, views[0].get(key), views[1].get(key)) for key in keys
+            if not _same(views[0].get(key), views[1].get(key))]
+
+
+def format_differences(differences: list[tuple[str, Any, Any]], first: str, second: str) -> str:
+    """``key: a (first) vs b (second)`` for each difference, joined by ``; ``."""
+    return "; ".join(f"{key}: {a!r} ({first}) vs {b!r} ({second})" for key, a, b in differences)
+
+
+def evaluation_model_config(cfg: Mapping[str, Any], trained: Mapping[str, Any],
+                            checkpoint: str | os.PathLike) -> tuple[dict[str, Any], int | None]:
+    """The ``model`` sub-dict and ``image_size`` an evaluation uses: the checkpoint's, then ``eval_override``.
+
+    A model key or ``image_size`` counts as given on the command line when its value is not the default
+    (a named config or an override set it); a given value that differs from the checkpoint's is refused,
+    so a checkpoint is never evaluated as another model than it was trained as. Every key of the ``model``
+    sub-dict is compared, whatever keys it has.
+
+    Args:
+        cfg: the evaluation's resolved config.
+        trained: the training config stored in the checkpoint.
+        checkpoint: the checkpoint file, named in errors.
+
+    Raises:
+        ConfigError: one line naming the key, the command line's value and the checkpoint's, or an
+            ``eval_override`` key that is not a key of the checkpoint's model or ``image_size``.
+    """
+    defaults = _flatten(default_config()["model"])
+    given = [f"model.{key}" for key, value in _flatten(cfg["model"]).items()
+             if not _same(_plain(value), _plain(defaults.get(key)))]
+    given += ["image_size"] if cfg.get("image_size") is not None else []
+    own = training_view(cfg)
+    stored = {**_default_view(_name_values(trained)), **training_view(trained)}
+    conflicts = [(key, stored.get(key), own.get(key)) for key in given if not _same(stored.get(key), own.get(key))]
+    if conflicts:
+        raise ConfigError(f"{checkpoint} was trained with other model settings than the command line gives: "
+                          f"{format_differences(conflicts, 'checkpoint', 'command line')}; leave them out to "
+                          "evaluate the checkpoint as trained, or change them on purpose with eval_override "
+                          "(e.g. eval_override.model.fixed_threshold=0.8)")
+    model, image_size = copy.deepcopy(dict(trained["model"])), trained.get("image_size")
+    for key, value in _flatten(cfg.get("eval_override") or {}).items():
+        if key == "image_size":
+            _require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 32),
+                     f"config key 'eval_override.image_size' is {value!r}; expected None or an integer >= 32")
+            image_size = value
+        elif key.startswith("model.") and key[len("model."):] in _flatten(model):
+            _set_dotted(model, key[len("model."):], value)
+        else:
+            raise ConfigError(f"config key 'eval_override.{key}': an evaluation can change only image_size and "
+                              f"the keys of the checkpoint's model ({', '.join(sorted(_flatten(model)))})")
+    return model, image_size
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        tree = tree[part]
+    tree[leaf] = value
 
 
 def _require(condition: bool, message: str) -> None:
@@ -391,6 +635,9 @@ def _check_runtime(cfg: dict[str, Any]) -> None:
     fraction = model.get("min_loaded_fraction", 0.9)
     _require(isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 <= fraction <= 1,
              f"config key 'model.min_loaded_fraction' is {fraction!r}; expected a number in [0, 1]")
+    _require(isinstance(cfg.get("eval_override", {}), Mapping),
+             f"config key 'eval_override' is {cfg.get('eval_override')!r}; expected a dict such as "
+             "{'model': {'fixed_threshold': 0.8}}")
     volumes = cfg.get("volumes")
     _require(volumes is None or (isinstance(volumes, (list, tuple)) and len(volumes) > 0 and all(
              isinstance(v, int) and not isinstance(v, bool) for v in volumes)),

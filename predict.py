@@ -11,8 +11,8 @@ query's own grid (``inference/model_space.py``); slices are matched as in EP1 (`
 Writes, per query ``<name>`` (file name without ``.nii.gz``, or the DICOM folder's name):
 ``OUT/<name>_seg.nii.gz`` (the query's size, spacing, origin and direction; label values as given),
 ``OUT/<name>_seg.json`` (steps, the organ's slice range per label and whether it was given or estimated,
-voxel counts), ``OUT/<name>_overlays/z<k>.png`` (radiological convention) and with ``--save-probs``
-``OUT/<name>_prob_<label>.nii.gz``. Bad input stops with one line naming the file, before anything is written.
+voxel counts, the git commit and the checkpoint's step and SHA-256), ``OUT/<name>_overlays/z<k>.png``
+(radiological convention) and with ``--save-probs`` ``OUT/<name>_prob_<label>.nii.gz``. Bad input stops with one line naming the file, before anything is written.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from evaluation.provenance import code_record
 from inference.model_space import (MODALITIES, check_same_geometry, check_scan, read_scan, to_model_space)
 from inference.predict import AMP_MODES, load_predictor, predict_query
 from util.atomic_files import atomic_write_text
@@ -148,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     support = to_model_space(support_image, spec, modality, wanted, name=str(args.support_image))
     del values, wanted, support_label
 
+    provenance = {"code": code_record(Path(__file__).resolve().parent), "checkpoint": predictor.checkpoint}
     print(f"checkpoint {args.checkpoint}: {spec.name}, {predictor.device}, "
           f"{'fp32' if predictor.amp == 'off' else predictor.amp}, modality {modality}", file=sys.stderr)
     for path in queries:
@@ -167,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
             "support_image": str(args.support_image), "support_label": str(args.support_label),
             "modality": modality, "labels": {str(k): v for k, v in result["labels"].items()},
             "query_steps": scan.steps, "support_steps": support.steps, "seconds": round(result["seconds"], 2),
-        }, indent=2))
+            "provenance": provenance}, indent=2))
         parts = []
         for label, info in result["labels"].items():
             where = (f"slices {info['slice_range'][0]}-{info['slice_range'][1]} ({info['source']})"

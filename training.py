@@ -22,7 +22,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from config import configure_logging, make_experiment, one_line_errors, resolve_config
+from config import (ConfigError, configure_logging, format_differences, make_experiment, one_line_errors,
+                    resolve_config, training_differences)
 from dataloaders.dataset_specifics import get_dataset_spec
 from dataloaders.episodes import build_training_cases, build_training_episodes
 from dataloaders.folds import fold_volume_ids
@@ -32,7 +33,7 @@ from trainer.episode_sampler import EpisodeIndexSampler, episode_loader
 from trainer.loop import LoopSettings, set_train_mode, train_loop
 from trainer.state import OptimSettings, build_training_state, resume_training_state, save_training_state
 from util.amp import resolve_amp
-from util.checkpoints import FINAL_NAME
+from util.checkpoints import FINAL_NAME, latest_checkpoint, load_checkpoint
 from util.distributed import DistributedContext, init_distributed, shutdown_distributed
 from util.logger import ScalarLogger
 
@@ -99,8 +100,9 @@ def _train(cfg: dict[str, Any], ctx: DistributedContext, sacred_run: Any,
     # test.py checks these against the fold it evaluates
     fold = {"dataset": cfg["dataset"], "setting": cfg["setting"], "eval_fold": cfg["eval_fold"],
             "train_ids": train_ids, "test_ids": held_out}
+    check_run_folder(cfg)
     state = build_training_state(cfg["model"], optim_settings(cfg), amp, device, cfg["seed"], cfg["channels_last"],
-                                 record={"config": cfg, "fold": fold})
+                                 record={"config": cfg, "fold": fold, "precision": amp})
     if cfg["resume"]:
         resumed = resume_training_state(state, snapshot_dir, device)
         if resumed is None:
@@ -133,16 +135,42 @@ def _train(cfg: dict[str, Any], ctx: DistributedContext, sacred_run: Any,
     return snapshot_dir / FINAL_NAME
 
 
+def check_run_folder(cfg: dict[str, Any]) -> None:
+    """Refuse to resume (or restart over) a run folder whose newest snapshot was trained with another config.
+
+    Raises:
+        ConfigError: one line naming the folder and each differing training-relevant key.
+    """
+    last = latest_checkpoint(cfg["snapshot_dir"])
+    if last is None:
+        return
+    stored = load_checkpoint(last, mmap=True).get("config")
+    if not isinstance(stored, dict):
+        LOGGER.warning("%s holds no training config: the run folder's recipe is not checked", last)
+        return
+    differences = training_differences(stored, cfg)
+    if differences:
+        action = "resume=True would continue it" if cfg["resume"] else "starting over would overwrite it"
+        raise ConfigError(f"{Path(cfg['snapshot_dir']).parent} holds a run trained with another config "
+                          f"({format_differences(differences, 'stored', 'now')}); {action} with this one; use "
+                          "the stored config, or another path.log_dir or tag")
+
+
 def check_training_inputs(cfg: dict[str, Any]) -> None:
-    """Checks made before Sacred creates a run folder: the volumes of the fold (see ``fold_volume_ids``)."""
+    """Checks made before Sacred creates a run folder: the volumes of the fold (see ``fold_volume_ids``), the
+    run folder's recipe (:func:`check_run_folder`), no evaluation-only override."""
+    if cfg.get("eval_override"):
+        raise ConfigError(f"config key 'eval_override' is {cfg['eval_override']!r}: it changes an evaluation "
+                          "(test.py), not training")
     fold_volume_ids(cfg["data_dir"], get_dataset_spec(cfg["dataset"]), cfg["eval_fold"], cfg.get("volumes"))
+    check_run_folder(cfg)
 
 
 ex = make_experiment("train", validate=check_training_inputs)
 
 
 @ex.main
-def main(_run, _config):
+def main(_run, _config, eval_override):  # noqa: ARG001 (named so that Sacred reports eval_override itself)
     """Sacred entry point: validate, then train (user errors end as one line on stderr)."""
     with one_line_errors("train"):
         cfg = resolve_config(_config)

@@ -25,6 +25,7 @@ import torch
 from dataloaders.dataset_specifics import DatasetSpec, get_dataset_spec
 from dataloaders.resize import resize_images, resize_masks, resize_probabilities
 from dataloaders.ep1 import chunk_plan, labelled_slices, support_slice_indices
+from evaluation.provenance import checkpoint_record
 from inference.model_space import ModelSpaceScan, model_slice_range, original_slice_range, to_original_grid
 from models.fewshot import FewShotSeg
 from util.amp import AmpUnsupported, autocast, resolve_amp
@@ -58,6 +59,8 @@ class Predictor:
         image_size: Square size the model runs at (the config's ``image_size``), or None for the data size.
         n_parts: Support slices / query chunks (the config's ``n_part``).
         batch: Query slices per forward.
+        checkpoint: What was loaded (``evaluation.provenance.checkpoint_record``: path, step, SHA-256,
+            which weights); empty for a model not read from a file.
     """
 
     model: Any
@@ -67,6 +70,7 @@ class Predictor:
     image_size: Optional[int] = None
     n_parts: int = 3
     batch: int = 1
+    checkpoint: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -106,8 +110,9 @@ def load_predictor(checkpoint: str | Path, device: str = "auto", amp: str = "aut
     except ValueError as exc:
         raise ValueError(f"{path}: the checkpoint's config does not describe a model: {exc}") from None
     # the averaged weights when training kept them (what test.py evaluates by default)
-    weights, _ = select_weights(state, "auto", path)
+    weights, which = select_weights(state, "auto", path)
     model = FewShotSeg.from_checkpoint(cfg["model"], path, weights)
+    record = checkpoint_record(path, state, weights=which)
     del state, weights
     try:
         dev = select_device(device)
@@ -123,7 +128,7 @@ def load_predictor(checkpoint: str | Path, device: str = "auto", amp: str = "aut
     image_size = cfg.get("image_size") or None
     return Predictor(model=model, spec=spec, device=dev, amp=precision,
                      image_size=int(image_size) if image_size else None, n_parts=int(cfg.get("n_part", 3)),
-                     batch=int(batch or (16 if dev.type == "cuda" else 1)))
+                     batch=int(batch or (16 if dev.type == "cuda" else 1)), checkpoint=record)
 
 
 def _three(slices: torch.Tensor) -> torch.Tensor:

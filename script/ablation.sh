@@ -50,8 +50,8 @@ run_arm() {  # fold mode seed(- for the config's) log_prefix; then named configs
   echo "== $name: training (log $log.train.log)"
   "${pin[@]}" "$PYTHON" training.py with "$@" "${common[@]}" "${arm[@]}" resume=True > "$log.train.log" 2>&1
   echo "== $name: evaluating the final weights and every snapshot"
-  "${pin[@]}" "$PYTHON" script/evaluate_snapshots.py "$LOG_DIR/$name" "${eval_opts[@]}" -- "$@" "${common[@]}" \
-    "${arm[@]}" > "$log.test.log" 2>&1
+  "${pin[@]}" "$PYTHON" script/evaluate_snapshots.py "${eval_opts[@]}" -- "$@" "${common[@]}" "${arm[@]}" \
+    > "$log.test.log" 2>&1
 }
 
 mkdir -p "$LOG_DIR/logs"

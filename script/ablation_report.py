@@ -2,8 +2,11 @@
 
     python script/ablation_report.py runs/ablation
 
-Reads every ``<dataset>_setting<s>_fold<f>_<mode>[_seed<k>]`` run below the folder: ``results/results.json``
-(the final weights), ``snapshot_results/step_<n>/results.json`` and the Sacred ``train/*/metrics.json``.
+Reads every ``<dataset>_setting<s>_fold<f>_<mode>[_<recipe>][_seed<k>]`` run below the folder (the folder
+names of ``config.experiment_name``): ``results/results.json`` (the final weights),
+``snapshot_results/step_<n>/results.json`` and the Sacred ``train/*/metrics.json``. The arm and the seed
+come from the training config that ``results.json`` records (``provenance.training_config``), else from the
+folder's name.
 Writes into the folder:
 
 - ``ablation.md`` / ``ablation.csv``: Dice per organ and the mean for every (fold, arm, seed), the
@@ -28,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+# config.experiment_name: the recipe (named configs and digest) and the tag may follow the mode
 RUN_PATTERN = re.compile(r"^(?P<dataset>\w+?)_setting(?P<setting>\d)_fold(?P<fold>\d+)_"
-                         r"(?P<mode>learned_st|learned|fixed|off)(?:_seed(?P<seed>\d+))?$")
+                         r"(?P<mode>learned_st|learned|fixed|off)(?P<rest>_.+)?$")
+SEED_TAG = re.compile(r"_seed(?P<seed>\d+)$")
 MODES = ("learned", "learned_st", "fixed", "off")
 CURVES = (("loss", "focal loss (moving average of 10 logs)"), ("xi", "threshold xi (learned, fixed)"),
           ("kept_fraction", "kept fraction of support pixels (moving average)"),
@@ -75,10 +80,10 @@ def collect(root: Path) -> list[dict]:
         last = final_step(run)
         if last is not None:
             snapshots.append((last, summary["mean"]["model"]["dice"]))
+        mode, seed = run_arm_and_seed(summary, match)
         records.append({
             "run": run, "dataset": match["dataset"], "setting": int(match["setting"]),
-            "fold": int(match["fold"]), "mode": match["mode"], "classes": list(summary["classes"]),
-            "seed": None if match["seed"] is None else int(match["seed"]),
+            "fold": int(match["fold"]), "mode": mode, "classes": list(summary["classes"]), "seed": seed,
             "model": {name: c["model"]["dice"] for name, c in summary["classes"].items()},
             "copy": {name: c["copy_support"]["dice"] for name, c in summary["classes"].items()},
             "mean": summary["mean"]["model"]["dice"], "copy_mean": summary["mean"]["copy_support"]["dice"],
@@ -87,6 +92,17 @@ def collect(root: Path) -> list[dict]:
             "last_mean": last_n_mean(sorted(snapshots)),
         })
     return records
+
+
+def run_arm_and_seed(summary: dict, match: re.Match) -> tuple[str, int | None]:
+    """The arm (``model.dmap_mode``) and the seed of a run: from the training config its results record,
+    else from the folder name (the seed only when the folder ends with ``_seed<k>``, as the sweep names it)."""
+    trained = summary.get("provenance", {}).get("training_config")
+    tagged = SEED_TAG.search(match["rest"] or "")
+    if isinstance(trained, dict) and isinstance(trained.get("model"), dict):
+        seed = trained.get("seed") if tagged or trained.get("tag") else None
+        return str(trained["model"].get("dmap_mode", match["mode"])), None if seed is None else int(seed)
+    return match["mode"], None if tagged is None else int(tagged["seed"])
 
 
 def last_n_mean(snapshots: list[tuple[int, float]], n: int = LAST_N) -> float | None:

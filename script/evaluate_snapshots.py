@@ -1,13 +1,16 @@
 """Evaluate a run's final weights and each of its step snapshots under EP1 (for Dice against training step).
 
-    python script/evaluate_snapshots.py runs/ablation/CHAOST2_setting1_fold0_learned -- cpu dataset=CHAOST2 ...
+    python script/evaluate_snapshots.py -- cpu dataset=CHAOST2 eval_fold=0 ...
+    python script/evaluate_snapshots.py runs/ablation/CHAOST2_setting1_fold0_learned -- dataset=CHAOST2 ...
 
 The words after ``--`` are what ``test.py with ...`` takes: named configs and ``key=value`` overrides
-(dotted keys for sub-dicts, Python literals). The final weights are evaluated as ``test.py`` does (results,
-predictions and overlays in ``<run>/results``); each ``snapshots/step_<n>.pth`` is scored into
-``<run>/snapshot_results/step_<n>/results.json`` (no pictures), skipped when that file exists. Checkpoints
-that hold averaged weights are scored with them (``eval_weights=auto``); ``--raw-too`` also scores their raw
-weights, into ``<run>/results_raw`` and ``<run>/snapshot_results_raw/step_<n>``.
+(dotted keys for sub-dicts, Python literals). The run folder is the one given, else the folder of the
+config's recipe (``config.run_dir``, as training names it). Each checkpoint is evaluated as ``test.py``
+does, with the model it was trained as: the final weights with results, predictions and overlays in
+``<run>/results``; each ``snapshots/step_<n>.pth`` into ``<run>/snapshot_results/step_<n>/results.json`` (no
+pictures), skipped when that file exists. Checkpoints that hold averaged weights are scored with them
+(``eval_weights=auto``); ``--raw-too`` also scores their raw weights, into ``<run>/results_raw`` and
+``<run>/snapshot_results_raw/step_<n>``.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from config import NAMED_CONFIGS, ConfigError, build_config, configure_logging, resolve_config  # noqa: E402
+from config import (NAMED_CONFIGS, ConfigError, build_config, configure_logging, one_line_errors,  # noqa: E402
+                    resolve_config)
 from util.checkpoints import FINAL_NAME, STEP_PREFIX  # noqa: E402
 
 
@@ -62,38 +66,36 @@ def main(argv: list[str] | None = None) -> int:
     words = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="the run folder (holds snapshots/)")
+    parser.add_argument("run_dir", type=Path, nargs="?", help="the run folder (holds snapshots/); default: the "
+                                                               "folder of the config's recipe")
     parser.add_argument("--raw-too", action="store_true",
                         help="also score the raw weights of checkpoints that hold averaged ones")
     args = parser.parse_args(own)
     configure_logging(logging.WARNING)
-    try:
+    with one_line_errors("evaluate_snapshots"):
         named, updates = parse_with_arguments(words)
         cfg = resolve_config(build_config(named, updates), need_supervoxels=False)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    test = load_test_module()
-    snapshots = Path(args.run_dir) / "snapshots"
-    final = snapshots / FINAL_NAME
-    if not final.is_file():
-        print(f"error: {final} does not exist (train the run first)", file=sys.stderr)
-        return 2
-    passes = [("", cfg.get("eval_weights", "auto"))] + ([("_raw", "raw")] if args.raw_too else [])
-    for suffix, weights in passes:
-        for path in sorted(snapshots.glob(f"{STEP_PREFIX}*.pth")):
-            out_dir = Path(args.run_dir) / f"snapshot_results{suffix}" / path.stem
-            if (out_dir / "results.json").is_file():
-                continue
-            summary, _ = test.run_test(dict(cfg, reload_model_path=str(path), save_predictions=False,
-                                            eval_weights=weights), out_dir)
-            print(f"{path.name} ({summary['weights']} weights): mean Dice {summary['mean']['model']['dice']:.4f}",
-                  flush=True)
-    if args.raw_too:
-        summary, out_dir = test.run_test(dict(cfg, reload_model_path=str(final), save_predictions=False,
-                                              eval_weights="raw"), Path(args.run_dir) / "results_raw")
-        print(f"final ({summary['weights']} weights): mean Dice {summary['mean']['model']['dice']:.4f}", flush=True)
-    summary, out_dir = test.run_test(dict(cfg, reload_model_path=str(final)))
+        run = Path(args.run_dir) if args.run_dir is not None else Path(cfg["run_dir"])
+        snapshots = run / "snapshots"
+        final = snapshots / FINAL_NAME
+        if not final.is_file():
+            raise FileNotFoundError(f"{final} does not exist (train the run first)")
+        test = load_test_module()
+        passes = [("", cfg.get("eval_weights", "auto"))] + ([("_raw", "raw")] if args.raw_too else [])
+        for suffix, weights in passes:
+            for path in sorted(snapshots.glob(f"{STEP_PREFIX}*.pth")):
+                out_dir = run / f"snapshot_results{suffix}" / path.stem
+                if (out_dir / "results.json").is_file():
+                    continue
+                summary, _ = test.run_test(dict(cfg, reload_model_path=str(path), save_predictions=False,
+                                                eval_weights=weights), out_dir)
+                print(f"{path.name} ({summary['weights']} weights): mean Dice "
+                      f"{summary['mean']['model']['dice']:.4f}", flush=True)
+        if args.raw_too:
+            summary, out_dir = test.run_test(dict(cfg, reload_model_path=str(final), save_predictions=False,
+                                                  eval_weights="raw"), run / "results_raw")
+            print(f"final (raw weights): mean Dice {summary['mean']['model']['dice']:.4f}", flush=True)
+        summary, out_dir = test.run_test(dict(cfg, reload_model_path=str(final)), run / "results")
     print(test.format_table(summary))
     print(f"results: {out_dir / 'results.json'}")
     return 0

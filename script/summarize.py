@@ -2,9 +2,14 @@
 
     python script/summarize.py runs            # every <experiment>/results/results.json below runs/
 
-Runs are grouped by experiment name without its fold (e.g. ``CHAOST2_setting1_learned``); for each group
-the Dice of each organ is averaged over folds (mean +- standard deviation over folds), beside the
-copy-the-support baseline. Writes ``summary.json`` and ``summary.csv`` in the folder given.
+Runs are grouped by experiment name without its fold (e.g. ``CHAOST2_setting1_learned``, or
+``CHAOST2_setting1_learned_cpu-3f2a9c1e`` for another recipe); for each group the Dice of each organ is
+averaged over folds (mean +- standard deviation over folds), beside the copy-the-support baseline. The folds
+of a group must have been trained with the same config in every training-relevant key but the fold
+(``provenance.training_config`` of each results.json, ``config.training_differences``); otherwise the run
+stops with one line naming the key, unless ``--allow-mixed`` is given. Writes ``summary.json`` (with each
+fold's provenance: results file, commit, checkpoint hash and step, data digest) and ``summary.csv`` in the
+folder given.
 """
 from __future__ import annotations
 
@@ -17,6 +22,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from config import format_differences, training_differences  # noqa: E402
 
 FOLD_PATTERN = re.compile(r"_fold\d+")
 
@@ -50,12 +60,51 @@ def summarize_group(results: list[dict]) -> dict:
                        "dice_std": float(np.std(model)) if model.size else float("nan"),
                        "copy_dice_mean": float(np.mean(copy)) if copy.size else float("nan"),
                        "n_folds": int(defined.sum())}
-    return {"folds": sorted(r["eval_fold"] for r in results), "classes": table}
+    return {"folds": sorted(r["eval_fold"] for r in results), "classes": table,
+            "provenance": [fold_provenance(r) for r in sorted(results, key=lambda r: r["eval_fold"])]}
+
+
+def fold_provenance(result: dict) -> dict:
+    """What made one fold's numbers, from its results.json (entries it lacks are left out)."""
+    provenance = result.get("provenance") or {}
+    checkpoint, data = provenance.get("checkpoint") or {}, provenance.get("data") or {}
+    entry = {"eval_fold": result["eval_fold"], "results": result.get("_path"),
+             "git": (provenance.get("code") or {}).get("git"), "checkpoint": checkpoint.get("path"),
+             "checkpoint_sha256": checkpoint.get("sha256"), "step": checkpoint.get("step"),
+             "weights": checkpoint.get("weights"), "data_sha256": data.get("sha256")}
+    return {key: value for key, value in entry.items() if value is not None}
+
+
+def check_same_recipe(group: str, results: list[dict]) -> str | None:
+    """Why the folds of a group must not be averaged, or None.
+
+    Every fold's training config (``provenance.training_config``) must agree with the first one's in every
+    training-relevant key but ``eval_fold``. A group where no file records a training config (results of an
+    earlier version) is not checked; one where only some do is refused.
+    """
+    configs = [(r["_path"], (r.get("provenance") or {}).get("training_config")) for r in results]
+    missing = [path for path, cfg in configs if not isinstance(cfg, dict)]
+    if len(missing) == len(configs):
+        print(f"warning: {group}: no results file records its training config; folds not compared", file=sys.stderr)
+        return None
+    if missing:
+        return f"{missing[0]} records no training config, so its fold cannot be compared with the others of {group}"
+    (first_path, first), rest = configs[0], configs[1:]
+    for path, cfg in rest:
+        differences = training_differences(first, cfg, ignore=("eval_fold",))
+        if differences:
+            return (f"{group}: the folds were trained with different configs: "
+                    f"{format_differences(differences, first_path, path)}")
+    return None
+
+
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="folder holding <experiment>/results/results.json")
+    parser.add_argument("--allow-mixed", action="store_true", help="average folds even when their training configs "
+                                                                   "differ (the summary lists each fold's provenance)")
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         print(f"error: {args.root} is not a folder", file=sys.stderr)
@@ -64,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     if not groups:
         print(f"error: no */results/results.json under {args.root}; run test.py first", file=sys.stderr)
         return 2
+    for group, results in sorted(groups.items()):
+        problem = check_same_recipe(group, results)
+        if problem and not args.allow_mixed:
+            print(f"error: {problem} (--allow-mixed averages them anyway)", file=sys.stderr)
+            return 2
     summary = {group: summarize_group(results) for group, results in sorted(groups.items())}
     rows = []
     for group, entry in summary.items():

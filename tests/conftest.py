@@ -1,17 +1,25 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures.
+
+The tests marked ``real_data`` read the real CHAOS T2-SPIR volumes (``image_<id>.nii.gz``, pre-processed)
+from the folder named by the environment variable ``DMAP_CHAOST2_DIR`` (relative paths are relative to the
+repository root), by default ``REAL_DATA_DEFAULT``; they are skipped when it holds no volume.
+"""
+import os
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CHAOS_DIR = REPO_ROOT.parent / "shared" / "data" / "CHAOST2"
+REAL_DATA_VARIABLE = "DMAP_CHAOST2_DIR"
+REAL_DATA_DEFAULT = "../shared/data/CHAOST2"
+CHAOS_DIR = (REPO_ROOT / os.environ.get(REAL_DATA_VARIABLE, REAL_DATA_DEFAULT)).resolve()
 
 
 @pytest.fixture(scope="session")
 def chaos_dir() -> Path:
     """The real CHAOS T2-SPIR data next to the repository; skips the test when absent."""
     if not (CHAOS_DIR / "image_1.nii.gz").is_file():
-        pytest.skip(f"real data not found at {CHAOS_DIR}")
+        pytest.skip(f"real data not found at {CHAOS_DIR} (set {REAL_DATA_VARIABLE})")
     return CHAOS_DIR
 
 

@@ -99,22 +99,30 @@ def test_with_words_parse_like_sacred():
 
 @pytest.mark.slow
 def test_ablation_script_trains_evaluates_and_reports(synth_root, tmp_path):
+    import os
     import subprocess
+    import sys
 
+    from config import build_config, run_dir
     from conftest import smoke_updates
 
     n_sv = smoke_updates(synth_root, tmp_path)["n_sv"]
-    env = {**__import__("os").environ, "DATASET": "SYNTH", "DATA_ROOT": str(synth_root), "LOG_DIR": str(tmp_path),
-           "ARMS": "0:learned:1 0:off:1"}  # fold:mode:seed
-    done = subprocess.run(["bash", str(REPO / "script" / "ablation.sh"), "smoke", f"n_sv={n_sv}", "n_steps=2",
-                           "save_snapshot_every=1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # the script's python is this test's interpreter, whether or not a virtual environment is activated
+    env = {**os.environ, "DATASET": "SYNTH", "DATA_ROOT": str(synth_root), "LOG_DIR": str(tmp_path),
+           "ARMS": "0:learned:1 0:off:1", "PYTHON": sys.executable}  # fold:mode:seed
+    words = ["smoke", f"n_sv={n_sv}", "n_steps=2", "save_snapshot_every=1"]
+    done = subprocess.run(["bash", str(REPO / "script" / "ablation.sh"), *words], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     table = (tmp_path / "ablation.md").read_text()
     assert "| 0 | learned | 1 | 2 |" in table and "| 0 | off | 1 | 2 |" in table and "copy-the-support" in table
     assert "| learned - off |" in (tmp_path / "summary.md").read_text()
-    run = tmp_path / "SYNTH_setting1_fold0_learned_seed1"
-    assert (run / "snapshot_results" / "step_0000001" / "results.json").is_file()
-    assert json.loads((run / "results" / "results.json").read_text())["weights"] == "raw"  # smoke keeps no average
+    learned = run_dir(build_config(["smoke"], {"dataset": "SYNTH", "n_sv": n_sv, "n_steps": 2, "seed": 1,
+                                               "tag": "seed1", "path": {"log_dir": str(tmp_path)}}))
+    assert learned.name.startswith("SYNTH_setting1_fold0_learned_") and learned.name.endswith("_seed1")
+    assert (learned / "snapshot_results" / "step_0000001" / "results.json").is_file()
+    results = json.loads((learned / "results" / "results.json").read_text())
+    assert results["weights"] == "raw" and results["provenance"]["checkpoint"]["weights"] == "raw"  # no average
 
 
 def _record(mode: str, fold: int, seed, mean: float, organs=(0.0, 0.0)) -> dict:

@@ -275,3 +275,8 @@ def test_cli_real_model_runs_at_a_configured_image_size(files, tmp_path, capsys)
     assert seg.GetSize() == read_scan(files["query"]).GetSize()
     report = json.loads((out / "query_seg.json").read_text())
     assert {report["labels"][k]["source"] for k in ("1", "2")} <= {"estimated", "not found"}
+    import hashlib
+
+    checkpoint = report["provenance"]["checkpoint"]
+    assert checkpoint["sha256"] == hashlib.sha256((tmp_path / "r18.pth").read_bytes()).hexdigest()
+    assert checkpoint["weights"] == "raw" and checkpoint["path"] == str(tmp_path / "r18.pth")

@@ -30,3 +30,19 @@ def test_setting2_excludes_every_slice_with_a_test_organ(synth_root, tmp_path):
     both = cfg(test_label=[1, 4], setting=2, exclude_mode="all")
     seen = [(bool((label[z] == 1).any()), bool((label[z] == 4).any())) for label, z in episode_slices(both)]
     assert (True, True) not in seen and any(a or b for a, b in seen)
+
+
+def test_setting2_any_with_two_test_organs_drops_slices_holding_either(synth_root, tmp_path):
+    """Two test organs on data where "any" and "all" differ: the configured "any" is what training draws."""
+    def cfg(**updates):
+        return resolve_config(build_config(["smoke"], smoke_updates(synth_root, tmp_path, n_steps=40, **updates)))
+
+    def organs(config):
+        return [(bool((label[z] == 1).any()), bool((label[z] == 4).any())) for label, z in episode_slices(config)]
+
+    configured = cfg(test_label=[1, 4], setting=2)
+    assert configured["exclude_mode"] == "any" and configured["exclude_label"] == [1, 4]
+    # on these phantoms the two organs do not always share a slice: "all" keeps slices with one of them
+    peer = organs(cfg(test_label=[1, 4], setting=2, exclude_mode="all"))
+    assert any(a != b for a, b in peer)
+    assert organs(configured) and not any(a or b for a, b in organs(configured))

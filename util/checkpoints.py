@@ -15,6 +15,8 @@ from util.atomic_files import atomic_path
 
 FINAL_NAME = "final.pth"
 STEP_PREFIX = "step_"
+# the model weights a training checkpoint may hold: entry -> the name results give them
+WEIGHT_KINDS = {"model": "raw", "model_ema": "averaged"}
 
 
 def step_checkpoint_name(step: int) -> str:
@@ -56,13 +58,19 @@ def _disk_full(exc: BaseException) -> bool:
     return False
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (or any ``torch.save`` dict)."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (or any ``torch.save`` dict).
+
+    Args:
+        mmap: map the tensors from the file instead of reading them (cheap when only the stored config,
+            step or fold is needed).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as exc:  # corrupted file, wrong format
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"could not read checkpoint {path} (not a complete torch.save file?): {first}") from exc
@@ -83,6 +91,18 @@ def latest_checkpoint(snapshot_dir: str | os.PathLike) -> Path | None:
     return steps[-1] if steps else None
 
 
+def weights_entry(state: dict[str, Any]) -> str | None:
+    """The entry of a checkpoint whose weights :func:`load_model_weights` loads: ``"model"`` (the raw
+    weights of the last step), or None for a bare state dict."""
+    return "model" if isinstance(state.get("model"), dict) else None
+
+
+def weights_kind(state: dict[str, Any]) -> str:
+    """Which weights an evaluation of ``state`` uses, as results report it: ``"raw"`` or ``"averaged"``
+    (:data:`WEIGHT_KINDS`; a bare state dict counts as raw)."""
+    return WEIGHT_KINDS.get(weights_entry(state) or "model", "raw")
+
+
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike, state: dict[str, Any] | None = None) -> int:
     """Load the model weights of a training checkpoint (or a bare state dict) into ``model``.
 
@@ -101,7 +121,8 @@ def load_model_weights(model: torch.nn.Module, path: str | os.PathLike, state: d
             model configuration), naming the file.
     """
     state = load_checkpoint(path) if state is None else state
-    weights = state.get("model", state)
+    entry = weights_entry(state)
+    weights = state[entry] if entry else state
     # checkpoints saved from a DDP-wrapped model carry a "module." prefix
     weights = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
     own = model.state_dict()
