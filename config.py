@@ -36,8 +36,8 @@ from models.dmap import DMAP_MODES
 from models.encoder import BACKBONES
 from models.losses import LOSS_NORMALIZATIONS
 from models.pretrained import WEIGHT_NAMES, WeightsUnavailable, resolve_named_weights, weights_url
-from trainer.state import LR_SCHEDULES
 from util.amp import AMP_MODES
+from util.lr_schedule import LR_SCHEDULES
 from util.distributed import is_main_process
 
 REPO_ROOT = Path(__file__).resolve().parent

@@ -13,10 +13,10 @@ from config import ConfigError, build_config, resolve_config
 from models.dmap import selection_weights
 from models.losses import focal_loss
 from trainer.loop import LoopSettings, _optimisation_step
-from trainer.state import (EMA_KEY, OptimSettings, build_lr_schedule, build_training_state, resume_training_state,
-                           save_training_state)
+from trainer.state import EMA_KEY, OptimSettings, build_training_state, resume_training_state, save_training_state
 from util.checkpoints import select_weights
 from util.distributed import DistributedContext
+from util.lr_schedule import build_lr_schedule
 
 MODEL = {"backbone": "resnet18", "weights_path": "", "dmap_mode": "learned", "temperature": 0.05,
          "fixed_threshold": 0.9, "alpha": 10.0, "bn_with_support": False}

@@ -17,17 +17,16 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from models.fewshot import FewShotSeg
-from util.checkpoints import AVERAGED_KEY, capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from util.checkpoints import (AVERAGED_KEY, capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state,
+                              save_checkpoint)
 from util.distributed import DistributedContext, barrier
+from util.lr_schedule import LR_SCHEDULES, build_lr_schedule
 
 LOGGER = logging.getLogger("training")
 
 __all__ = ["LR_SCHEDULES", "EMA_KEY", "OptimSettings", "TrainingState", "build_lr_schedule", "build_training_state",
            "resume_training_state", "save_training_state"]
 
-#: learning-rate schedules: "step" (x lr_gamma every lr_step_size steps, the paper's) or "cosine" (from lr
-#: down to lr * lr_final_factor at the last step)
-LR_SCHEDULES = ("step", "cosine")
 #: checkpoint key of the averaged weights (a state dict of the same model)
 EMA_KEY = AVERAGED_KEY
 
@@ -60,29 +59,6 @@ class OptimSettings:
     lr_warmup_steps: int = 0
     ema_decay: float = 0.0
     grad_clip: float = 0.0
-
-
-def build_lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimSettings) -> torch.optim.lr_scheduler.LRScheduler:
-    """The learning-rate schedule of ``optim`` (stepped once per optimisation step).
-
-    ``step``: ``lr * lr_gamma ** (t // lr_step_size)``; ``cosine``: ``lr * (f + (1 - f) (1 + cos(pi t / T)) / 2)``
-    with ``f = lr_final_factor`` and ``T = n_steps - lr_warmup_steps``; a warm-up multiplies the first
-    ``lr_warmup_steps`` steps by ``(t + 1) / lr_warmup_steps``.
-    """
-    if optim.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {optim.lr_schedule!r}")
-    warmup = optim.lr_warmup_steps
-    if optim.lr_schedule == "step":
-        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=optim.lr_step_size, gamma=optim.lr_gamma)
-    else:
-        if optim.n_steps <= warmup:
-            raise ValueError(f"the cosine schedule needs n_steps ({optim.n_steps}) > lr_warmup_steps ({warmup})")
-        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=optim.n_steps - warmup,
-                                                          eta_min=optim.lr * optim.lr_final_factor)
-    if warmup <= 0:
-        return main
-    ramp = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / warmup))
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
 @dataclass
