@@ -140,6 +140,7 @@ def default_config() -> dict[str, Any]:
         # exponential moving average of the weights (and batch-norm buffers), stored beside the raw weights in
         # every checkpoint and evaluated by default (eval_weights); 0: no average
         ema_decay=0.0,
+        ema_warmup=True,  # the average's decay ramps up as min(ema_decay, (1 + n) / (10 + n)) over its n updates
         n_steps=33000,  # the public code: 11 x 3000 steps
         batch_size=1,  # episodes per step (per process under torchrun)
         save_snapshot_every=5000,
@@ -213,12 +214,6 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "image_size": 160,
         "n_steps": 3600,
         "optim": {"lr": 1e-2},
-        # the learning rate falls along half a cosine to 1 % at the last step and an exponential moving
-        # average of the weights (about the last 1000 steps) is evaluated: the final weights represent the run
-        # instead of one point of a curve that swings by up to 0.3 Dice between snapshots
-        "lr_schedule": "cosine",
-        "lr_final_factor": 0.01,
-        "ema_decay": 0.999,
         "lr_step_size": 1200,
         "lr_gamma": 0.7,
         "loss": {"class_weights": [0.5, 1.0]},
@@ -664,6 +659,7 @@ def _check_runtime(cfg: dict[str, Any]) -> None:
         _require(isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value < high or
                  (key == "lr_final_factor" and value == 1.0),
                  f"config key '{key}' is {value!r}; expected a number in [{low}, {high})")
+    _require(isinstance(cfg["ema_warmup"], bool), f"config key 'ema_warmup' is {cfg['ema_warmup']!r}; expected True or False")
     clip = cfg["optim"].get("grad_clip", 0.0)
     _require(isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip >= 0,
              f"config key 'optim.grad_clip' is {clip!r}; expected a number >= 0 (0: no clipping)")

@@ -58,7 +58,8 @@ def optim_settings(cfg: dict[str, Any]) -> OptimSettings:
                          weight_decay=cfg["optim"]["weight_decay"], lr_step_size=cfg["lr_step_size"],
                          lr_gamma=cfg["lr_gamma"], lr_schedule=cfg["lr_schedule"], n_steps=cfg["n_steps"],
                          lr_final_factor=cfg["lr_final_factor"], lr_warmup_steps=cfg["lr_warmup_steps"],
-                         ema_decay=cfg["ema_decay"], grad_clip=cfg["optim"]["grad_clip"])
+                         ema_decay=cfg["ema_decay"], ema_warmup=cfg["ema_warmup"],
+                         grad_clip=cfg["optim"]["grad_clip"])
 
 
 def loop_settings(cfg: dict[str, Any]) -> LoopSettings:

@@ -73,13 +73,10 @@ def collect(root: Path) -> list[dict]:
         if not match or not results.is_file():
             continue
         summary = read_json(results)
-        snapshots = []
-        for path in run.glob("snapshot_results/step_*/results.json"):
-            step = int(path.parent.name.split("_")[1])
-            snapshots.append((step, read_json(path)["mean"]["model"]["dice"]))
         last = final_step(run)
-        if last is not None:
-            snapshots.append((last, summary["mean"]["model"]["dice"]))
+        snapshots = snapshot_curve(run, "", summary, last)
+        raw_final = run / "results_raw" / "results.json"
+        raw_snapshots = snapshot_curve(run, "_raw", read_json(raw_final) if raw_final.is_file() else None, last)
         mode, seed = run_arm_and_seed(summary, match)
         records.append({
             "run": run, "dataset": match["dataset"], "setting": int(match["setting"]),
@@ -89,9 +86,20 @@ def collect(root: Path) -> list[dict]:
             "mean": summary["mean"]["model"]["dice"], "copy_mean": summary["mean"]["copy_support"]["dice"],
             "precision": summary["mean"]["model"]["precision"], "recall": summary["mean"]["model"]["recall"],
             "support_id": summary["supports"][0]["support_id"], "snapshots": sorted(snapshots), "step": last,
+            "raw_snapshots": sorted(raw_snapshots), "weights": summary.get("weights", "raw"),
             "last_mean": last_n_mean(sorted(snapshots)),
         })
     return records
+
+
+def snapshot_curve(run: Path, suffix: str, final: dict | None, last: int | None) -> list[tuple[int, float]]:
+    """(step, mean Dice) of ``snapshot_results<suffix>/step_<n>`` and of the final weights' results."""
+    curve = []
+    for path in run.glob(f"snapshot_results{suffix}/step_*/results.json"):
+        curve.append((int(path.parent.name.split("_")[1]), read_json(path)["mean"]["model"]["dice"]))
+    if last is not None and final is not None:
+        curve.append((last, final["mean"]["model"]["dice"]))
+    return curve
 
 
 def run_arm_and_seed(summary: dict, match: re.Match) -> tuple[str, int | None]:
@@ -290,8 +298,13 @@ def plot(records: list[dict], root: Path) -> list[Path]:
         if rec["snapshots"]:
             steps, dice = zip(*rec["snapshots"])
             seed = "" if rec["seed"] is None else f" seed {rec['seed']}"
+            averaged = " (averaged weights)" if rec["weights"] == "averaged" else ""
             ax.plot(steps, dice, marker="o", ms=3, color=colours[rec["mode"]], ls=styles[rec["fold"] % len(styles)],
-                    label=f"fold {rec['fold']} {rec['mode']}{seed}")
+                    label=f"fold {rec['fold']} {rec['mode']}{seed}{averaged}")
+        if rec["raw_snapshots"]:  # --raw-too: the raw weights of the same checkpoints
+            steps, dice = zip(*rec["raw_snapshots"])
+            ax.plot(steps, dice, marker="s", ms=3, color=colours[rec["mode"]], alpha=0.5,
+                    ls=styles[rec["fold"] % len(styles)], label=f"fold {rec['fold']} {rec['mode']}{seed} (raw weights)")
     for fold in sorted({r["fold"] for r in records}):
         base = next(r for r in records if r["fold"] == fold)
         ax.axhline(base["copy_mean"], color="grey", lw=0.8, ls=styles[fold % len(styles)])

@@ -66,9 +66,9 @@ def _batch(seed: int) -> dict[str, torch.Tensor]:
             "query_images": torch.rand(1, 1, 3, 32, 32, generator=g), "query_masks": masks.clone()}
 
 
-def _ema_state(decay: float):
+def _ema_state(decay: float, warmup: bool = False):
     optim = OptimSettings(lr=0.05, momentum=0.0, weight_decay=0.0, lr_step_size=100, lr_gamma=1.0,
-                          ema_decay=decay)
+                          ema_decay=decay, ema_warmup=warmup)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         state = build_training_state(MODEL, optim, "off", torch.device("cpu"), seed=0, record={"config": {}})
@@ -94,6 +94,20 @@ def test_the_average_is_the_hand_computed_ema_of_weights_and_batch_norm_buffers(
         torch.testing.assert_close(averaged[key], expected, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(averaged[key], raw[2][key])  # not just the last weights
     assert int(state.averaged.n_averaged) == 3
+
+
+def test_the_warm_up_ramps_the_decay_from_the_first_updates():
+    state = _ema_state(decay=0.75, warmup=True)
+    settings = LoopSettings(n_steps=3, log_every=1, save_snapshot_every=10, eval_step=None, keep_snapshots=1)
+    raw = []
+    for step in range(3):
+        _optimisation_step(state, state.model, _batch(step), torch.device("cpu"), settings)
+        raw.append(state.model.state_dict()["encoder.reduce.weight"].clone())
+    # update 1 copies; update 2 (n = 1): d = min(0.75, 2 / 11); update 3 (n = 2): d = min(0.75, 3 / 12)
+    d1, d2 = 2 / 11, 3 / 12
+    expected = d2 * (d1 * raw[0] + (1 - d1) * raw[1]) + (1 - d2) * raw[2]
+    torch.testing.assert_close(state.averaged.module.state_dict()["encoder.reduce.weight"], expected,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_checkpoint_keeps_raw_and_averaged_weights_and_resume_restores_the_average(tmp_path):
@@ -217,6 +231,7 @@ def test_learned_st_model_trains_its_threshold_head():
     ({"lr_final_factor": 2.0}, "lr_final_factor"),
     ({"lr_schedule": "cosine", "n_steps": 10, "lr_warmup_steps": 10}, "lr_warmup_steps"),
     ({"optim": {"grad_clip": -1.0}}, "optim.grad_clip"),
+    ({"ema_warmup": 1}, "ema_warmup"),
     ({"loss": {"normalize": "pixel"}}, "loss.normalize"),
     ({"eval_weights": "ema"}, "eval_weights"),
     ({"model": {"dmap_mode": "learnt"}}, "model.dmap_mode"),
@@ -226,8 +241,7 @@ def test_new_keys_are_checked_with_one_line(updates, key):
         resolve_config(build_config(updates=updates), need_data=False)
 
 
-def test_cpu_recipe_anneals_and_averages():
-    cfg = resolve_config(build_config(["cpu"]), need_data=False)
-    assert cfg["lr_schedule"] == "cosine" and cfg["ema_decay"] > 0
+def test_the_paper_schedule_stays_the_default():
     paper = resolve_config(build_config(), need_data=False)
-    assert paper["lr_schedule"] == "step" and paper["ema_decay"] == 0  # the paper's schedule stays the default
+    assert paper["lr_schedule"] == "step" and paper["ema_decay"] == 0 and paper["loss"]["normalize"] == "pixels"
+    assert paper["support_spill_px"] == 0 and paper["optim"]["grad_clip"] == 0
