@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from tqdm import tqdm
 
-from models.losses import episode_loss
 from trainer.state import TrainingState, save_training_state
 from util.amp import autocast
 from util.checkpoints import STEP_PREFIX, step_checkpoint_name
@@ -27,8 +26,9 @@ LOGGER = logging.getLogger("training")
 
 __all__ = ["LoopSettings", "set_train_mode", "prune_snapshots", "train_loop"]
 
-#: the auxiliary outputs of the model that are logged (threshold temperature, threshold, kept pixels)
-LOGGED_AUX = ("tau", "xi", "kept_fraction")
+#: the auxiliary outputs of the model that are logged (query offset, de-biasing threshold, kept pixels,
+#: alignment loss, learned scalar threshold)
+LOGGED_AUX = ("tau", "xi", "kept_fraction", "align_loss", "threshold")
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def _optimisation_step(state: TrainingState, net: torch.nn.Module, batch: dict[s
         for key in ("support_images", "support_masks", "query_images", "query_masks"))
     with autocast(device, state.amp):
         probs, aux = net(support_images, support_masks, query_images)
-    loss = episode_loss(probs, query_masks, settings.loss_gamma, settings.class_weights)
+    loss = state.model.training_loss(probs, aux, query_masks, settings.loss_gamma, settings.class_weights)
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"loss is {loss.item()} at step {state.step + 1}; lower optim.lr or use amp=off")
     state.optimizer.zero_grad(set_to_none=True)
