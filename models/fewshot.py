@@ -1,5 +1,9 @@
 """FewShotSeg: the DMAP few-shot segmentation model (encoder + de-biased prototype + ADNet-style head).
 
+:meth:`FewShotSeg.from_config` builds this class for DMAP's own components and
+:class:`models.methods.MethodSeg` (a subclass) for other methods and ablations (``model.method``,
+:mod:`models.components`); both are trained through :meth:`FewShotSeg.training_loss`.
+
 Prediction (ADNet style, as the public code): ``p_fg = sigmoid(alpha * cos(F_q, P) + tau / 2)`` at
 feature resolution (H/4 x W/4), upsampled bilinearly (``align_corners=True``) to the input size;
 ``probs = [1 - p_fg, p_fg]``. ``P`` is the de-biased prototype of :mod:`models.dmap`; ``tau`` comes from
@@ -79,6 +83,9 @@ class FewShotSeg(nn.Module):
             batch (the public code) instead of the queries only.
     """
 
+    #: the method this class implements (:mod:`models.components`)
+    method = "dmap"
+
     def __init__(self, backbone: str = "resnet101", weights_path: Optional[Union[str, Path]] = None,
                  dmap_mode: str = "learned", temperature: float = 0.05, fixed_threshold: float = 0.9,
                  alpha: float = 10.0, ltg_dim: int = 64, xi_init: float = 0.5, out_dim: int = 512,
@@ -98,9 +105,6 @@ class FewShotSeg(nn.Module):
         self.fixed_threshold = float(fixed_threshold)
         self.alpha = float(alpha)
         self.bn_with_support = bool(bn_with_support)
-
-    #: the method this class implements (:mod:`models.components`)
-    method = "dmap"
 
     @property
     def components(self) -> Components:

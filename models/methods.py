@@ -216,7 +216,9 @@ class MethodSeg(FewShotSeg):
 
         Args:
             probs: [B, Q, 2, H, W] from :meth:`forward` in train mode (5-D inputs).
-            aux: its auxiliary outputs (``align_loss`` must be there when ``align_weight`` > 0).
+            aux: its auxiliary outputs (``align_loss`` must be there when ``align_weight`` > 0); the entries
+                with a graph are used here and then left detached (``align_loss``) or removed
+                (``log_probs``), so what remains is for logging.
             query_masks: [B, Q, H, W] binary ground truth.
             gamma: the focal loss's focusing parameter.
             class_weights: (background, foreground) weights of the query loss.
@@ -225,13 +227,14 @@ class MethodSeg(FewShotSeg):
             Scalar loss.
         """
         c = self._components
+        log_probs = aux.pop("log_probs", None)
         if c.query_loss == "focal":
             loss = episode_loss(probs, query_masks, gamma, class_weights)
         else:
-            log_probs = aux.get("log_probs")
             loss = episode_nll(clamped_log(probs) if log_probs is None else log_probs, query_masks, class_weights)
         if c.align_weight > 0:
             loss = loss + c.align_weight * aux["align_loss"]
+            aux["align_loss"] = aux["align_loss"].detach()
         if c.threshold_loss_weight > 0:
             loss = loss + c.threshold_loss_weight * self.threshold / THRESHOLD_LOSS_SCALE
         return loss

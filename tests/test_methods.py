@@ -388,7 +388,7 @@ def test_forward_backward_reaches_every_learnable_parameter(method):
               for n, p in model.named_parameters() if not p.requires_grad}
     expected_frozen = {"adnet": {"layer4", "fc", "tau_head"}, "qnet": set(), "alpnet": {"layer4", "fc", "tau_head"}}
     assert frozen == expected_frozen[method]
-    assert (model.ltg is None) and aux["align_loss"].requires_grad
+    assert model.ltg is None and "log_probs" not in aux and not aux["align_loss"].requires_grad  # left for logging
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -424,7 +424,7 @@ def test_checkpoint_rebuilds_the_method(method, tmp_path):
 
 
 def test_bf16_autocast_for_every_method():
-    si, sm, qi, qm = _episode(b=1, q=1)
+    si, sm, qi, qm = _episode(b=1, q=1, size=32)
     for method in METHODS:
         model = _model(method).train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -432,3 +432,37 @@ def test_bf16_autocast_for_every_method():
         loss = model.training_loss(probs, aux, qm)
         loss.backward()
         assert probs.dtype == torch.float32 and torch.isfinite(loss), method
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+class _Recorder:
+    """Collects what the training loop logs (as a Sacred run would)."""
+
+    def __init__(self):
+        self.scalars: dict[str, list[float]] = {}
+
+    def log_scalar(self, name, value, step):
+        self.scalars.setdefault(name, []).append(value)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_and_evaluates_from_its_checkpoint(method, synth_root, tmp_path):
+    import training
+    from conftest import smoke_updates
+    from test_end_to_end import load_test_script
+    from inference.predict import load_predictor
+    from util.checkpoints import load_checkpoint
+
+    cfg = resolve_config(build_config(["smoke"], smoke_updates(
+        synth_root, tmp_path, n_steps=2, save_snapshot_every=2, image_size=32, test_label=[1], eval_batch=16,
+        tag=method, model={"method": method})))
+    recorder = _Recorder()
+    final = training.train(cfg, sacred_run=recorder)
+    stored = load_checkpoint(final)["config"]["model"]
+    assert stored["method"] == method and stored["pooling"] == METHOD_DEFAULTS[method]["pooling"]
+    assert len(recorder.scalars["loss"]) == 2 and all(math.isfinite(v) for v in recorder.scalars["loss"])
+    assert ("align_loss" in recorder.scalars) and (("threshold" in recorder.scalars) == (method == "adnet"))
+    summary, out_dir = load_test_script().run_test(dict(cfg, reload_model_path=str(final), save_predictions=False))
+    assert 0.0 <= summary["mean"]["model"]["dice"] <= 1.0 and (out_dir / "results.json").is_file()
+    predictor = load_predictor(final, device="cpu", amp="off")
+    assert type(predictor.model) is MethodSeg and predictor.model.method == method and not predictor.model.training
