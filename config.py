@@ -32,6 +32,7 @@ from dataloaders.dataset_specifics import DATASETS, DatasetSpec, get_dataset_spe
 from dataloaders.episodes import EXCLUDE_MODES, SAMPLERS
 from dataloaders.transforms import AUGMENT_PROFILES
 from dataloaders.volume_io import supervoxel_dir
+from models.components import METHOD_CLASS_WEIGHTS, resolve_components
 from models.dmap import DMAP_MODES
 from models.encoder import BACKBONES
 from models.losses import LOSS_NORMALIZATIONS
@@ -126,10 +127,28 @@ def default_config() -> dict[str, Any]:
             # training: layer4 (the tau head's input) sees support and query in one batch, as the public
             # code; False: the query only (this project's first behaviour)
             "bn_with_support": True,
+            # the method (docs/methods.md): dmap | adnet | qnet | alpnet. Each component key below left at None
+            # takes the method's published choice; a value switches that component alone (ablations)
+            "method": "dmap",
+            "pooling": None,  # map | dmap (de-biased, model.dmap_mode) | local (ALPNet's local prototypes)
+            "head": None,  # tau (per-query offset) | threshold (one learned T, ADNet) | assign (ALPNet's scoring)
+            "paths": None,  # layer3 | layer3+layer4 (Q-Net's two fused feature paths)
+            "query_loss": None,  # focal (loss.gamma) | nll
+            "align_weight": None,  # prototype alignment loss weight; 0: none
+            "threshold_loss_weight": None,  # weight of ADNet's threshold loss T / 20 (head=threshold)
+            "refine_iters": None,  # Adam steps of Q-Net's test-time prototype refinement; 0: none
+            "refine_lr": 0.01,
+            "fusion_weight": 0.9,  # a in a p_layer3 + (1 - a) p_layer4 (Q-Net; 0.6 in its Setting 2)
+            "threshold_init": -10.0,  # initial T of head=threshold
+            "assign_scale": 20.0,  # cosine scale of head=assign
+            "local_window": 8,  # local pooling window in feature cells (stride 4: 32 px), training
+            "local_window_eval": 4,  # the window in evaluation (16 px)
+            "local_threshold": 0.95,  # a window is a local prototype when this share of it is in the mask
         },
-        # focal loss; class weights (background, foreground); normalize: "pixels" (sum over pixels / summed
-        # weights, the paper) or "classes" (each class's mean over its own pixels, then weighted)
-        loss={"gamma": 0.7, "class_weights": [0.1, 1.0], "normalize": "pixels"},
+        # query loss parameters: gamma of the focal loss; class weights (background, foreground), None: the
+        # method's own (0.1 / 1.0; alpnet 0.05 / 1.0); normalize: "pixels" (sum over pixels / summed weights,
+        # the paper) or "classes" (each class's mean over its own pixels, then weighted)
+        loss={"gamma": 0.7, "class_weights": None, "normalize": "pixels"},
         # grad_clip: the gradients' total norm is clipped to this before each update (0: no clipping)
         optim={"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4, "grad_clip": 0.0},
         lr_schedule="step",  # "step": x lr_gamma every lr_step_size steps (the paper); "cosine": lr -> lr * lr_final_factor
@@ -587,6 +606,7 @@ def resolve_config(config: dict[str, Any], need_data: bool = True, need_supervox
     spec = get_dataset_spec(cfg["dataset"])
     _check_choices(cfg, spec)
     _check_model(cfg["model"])
+    _resolve_method(cfg)
     _check_runtime(cfg)
     _resolve_labels(cfg, spec)
     _resolve_paths(cfg, spec, need_data, need_supervoxels)
@@ -621,6 +641,24 @@ def _check_model(model: dict[str, Any]) -> None:
              f"config key 'model.dmap_mode' is {model['dmap_mode']!r}; expected one of {DMAP_MODES}")
     _require(model["backbone"] in BACKBONES,
              f"config key 'model.backbone' is {model['backbone']!r}; expected one of {BACKBONES}")
+
+
+def _resolve_method(cfg: dict[str, Any]) -> None:
+    """The method's components written into ``model`` (so the checkpoint records them) and its class weights."""
+    model = cfg["model"]
+    try:
+        components = resolve_components(model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    model.update(components.as_config())
+    weights = cfg["loss"].get("class_weights")
+    if weights is None:
+        weights = list(METHOD_CLASS_WEIGHTS[components.method])
+    _require(isinstance(weights, (list, tuple)) and len(weights) == 2 and all(
+             isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights),
+             f"config key 'loss.class_weights' is {weights!r}; expected None (the method's) or two numbers >= 0 "
+             "(background, foreground)")
+    cfg["loss"]["class_weights"] = [float(w) for w in weights]
 
 
 def _check_runtime(cfg: dict[str, Any]) -> None:

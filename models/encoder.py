@@ -202,6 +202,7 @@ class Encoder(nn.Module):
 
     Attributes:
         hidden_channels: channels of the ``hidden`` stages (layer1, layer2, layer3).
+        layer4_channels: channels of layer4.
         weights_loaded: number of tensors loaded from ``weights_path`` (0 without a file).
     """
 
@@ -212,12 +213,12 @@ class Encoder(nn.Module):
         self.backbone = build_dilated_resnet(backbone)
         expansion = 4 if backbone in ("resnet50", "resnet101") else 1
         self.hidden_channels = [64 * expansion, 128 * expansion, 256 * expansion]
-        layer4_channels = 512 * expansion
+        self.layer4_channels = 512 * expansion
         self.out_dim = out_dim
         self.reduce = nn.Conv2d(self.hidden_channels[-1], out_dim, kernel_size=1, bias=False)
         nn.init.kaiming_normal_(self.reduce.weight, mode="fan_out", nonlinearity="relu")
         self.tau_head = nn.Linear(self.backbone.fc.out_features, 1)
-        assert self.backbone.fc.in_features == layer4_channels
+        assert self.backbone.fc.in_features == self.layer4_channels
         self.weights_loaded = 0
         if weights_path:
             self.weights_loaded = load_backbone_weights(self.backbone, weights_path, min_loaded_fraction)
@@ -225,18 +226,20 @@ class Encoder(nn.Module):
             warnings.warn(f"Encoder({backbone}): no weights_path given, the backbone is randomly initialised",
                           UserWarning, stacklevel=2)
 
-    def forward(self, x: torch.Tensor, tau_start: int = 0) -> Dict[str, object]:
+    def forward(self, x: torch.Tensor, tau_start: int = 0, layer4: bool = False) -> Dict[str, object]:
         """Encodes a batch of images.
 
         Args:
             x: images [B, 3, H, W] (any memory format).
-            tau_start: layer4 and tau are computed only for ``x[tau_start:]`` (the support images of an
-                episode need no tau; skipping their layer4 saves about a tenth of the compute).
+            tau_start: tau is computed only for ``x[tau_start:]`` (the support images of an episode need no
+                tau); without ``layer4`` so is layer4 (skipping the supports' saves about a tenth of the
+                compute).
+            layer4: compute layer4 for every image and return it (a second feature path).
 
         Returns:
             dict with ``features`` [B, out_dim, H/4, W/4] (input dtype, or the autocast dtype),
-            ``hidden``: list [layer1, layer2, layer3] of [B, C_l, H/4, W/4], and ``tau`` [B - tau_start]
-            float32.
+            ``hidden``: list [layer1, layer2, layer3] of [B, C_l, H/4, W/4], ``tau`` [B - tau_start]
+            float32 and, with ``layer4``, ``layer4`` [B, C_4, H/8, W/8].
         """
         bb = self.backbone
         y = bb.maxpool(bb.relu(bb.bn1(bb.conv1(x))))
@@ -245,11 +248,20 @@ class Encoder(nn.Module):
         l3 = bb.layer3(l2)
         features = self.reduce(l3)
         out: Dict[str, object] = {"features": features, "hidden": [l1, l2, l3]}
+        if layer4:
+            l4 = bb.layer4(l3)
+            out["layer4"] = l4
+            l4_tau = l4[tau_start:]
+            out["tau"] = self._tau(l4_tau) if l4_tau.shape[0] > 0 else features.new_zeros(0, dtype=torch.float32)
+            return out
         l3_tau = l3[tau_start:] if tau_start else l3
         if l3_tau.shape[0] > 0:
-            l4 = bb.layer4(l3_tau)
-            pooled = torch.flatten(F.adaptive_avg_pool2d(l4, 1), 1)
-            out["tau"] = self.tau_head(bb.fc(pooled)).squeeze(1).float()
+            out["tau"] = self._tau(bb.layer4(l3_tau))
         else:
             out["tau"] = features.new_zeros(0, dtype=torch.float32)
         return out
+
+    def _tau(self, l4: torch.Tensor) -> torch.Tensor:
+        """tau [N] float32 from layer4 [N, C_4, h, w]: average pool, the ResNet's fc, the linear head."""
+        pooled = torch.flatten(F.adaptive_avg_pool2d(l4, 1), 1)
+        return self.tau_head(self.backbone.fc(pooled)).squeeze(1).float()

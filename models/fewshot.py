@@ -1,5 +1,9 @@
 """FewShotSeg: the DMAP few-shot segmentation model (encoder + de-biased prototype + ADNet-style head).
 
+:meth:`FewShotSeg.from_config` builds this class for DMAP's own components and
+:class:`models.methods.MethodSeg` (a subclass) for other methods and ablations (``model.method``,
+:mod:`models.components`); both are trained through :meth:`FewShotSeg.training_loss`.
+
 Prediction (ADNet style, as the public code): ``p_fg = sigmoid(alpha * cos(F_q, P) + tau / 2)`` at
 feature resolution (H/4 x W/4), upsampled bilinearly (``align_corners=True``) to the input size;
 ``probs = [1 - p_fg, p_fg]``. ``P`` is the de-biased prototype of :mod:`models.dmap`; ``tau`` comes from
@@ -20,15 +24,17 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.components import Components, resolve_components
 from models.dmap import (DMAP_MODES, LTG_MODES, LearnableThresholdGeneration, compute_dtype, debiased_prototypes,
                          feature_cosine, masked_average_pooling, no_autocast, upsampled_cosine)
 from models.encoder import Encoder
+from models.losses import episode_loss
 from util.checkpoints import load_model_weights
 
 
@@ -78,6 +84,9 @@ class FewShotSeg(nn.Module):
             batch (the public code) instead of the queries only.
     """
 
+    #: the method this class implements (:mod:`models.components`)
+    method = "dmap"
+
     def __init__(self, backbone: str = "resnet101", weights_path: Optional[Union[str, Path]] = None,
                  dmap_mode: str = "learned", temperature: float = 0.05, fixed_threshold: float = 0.9,
                  alpha: float = 10.0, ltg_dim: int = 64, xi_init: float = 0.5, out_dim: int = 512,
@@ -98,14 +107,33 @@ class FewShotSeg(nn.Module):
         self.alpha = float(alpha)
         self.bn_with_support = bool(bn_with_support)
 
+    @property
+    def components(self) -> Components:
+        """The model's components (:class:`models.components.Components`)."""
+        return Components()
+
     @classmethod
     def from_config(cls, model_cfg: Mapping[str, Any]) -> "FewShotSeg":
-        """The model described by a ``model`` config sub-dict (as in a checkpoint's ``config["model"]``)."""
-        return cls(backbone=model_cfg["backbone"], weights_path=model_cfg.get("weights_path") or None,
-                   dmap_mode=model_cfg["dmap_mode"], temperature=model_cfg["temperature"],
-                   fixed_threshold=model_cfg["fixed_threshold"], alpha=model_cfg["alpha"],
-                   min_loaded_fraction=model_cfg.get("min_loaded_fraction", 0.9),
-                   bn_with_support=model_cfg.get("bn_with_support", True))
+        """The model described by a ``model`` config sub-dict (as in a checkpoint's ``config["model"]``).
+
+        ``model.method`` and its component keys choose the class: DMAP's own components give this class,
+        any other bundle :class:`models.methods.MethodSeg`. A config without ``method`` (older checkpoints)
+        describes DMAP.
+
+        Raises:
+            KeyError, ValueError: a missing key or a value that describes no model.
+        """
+        components = resolve_components(model_cfg)
+        kwargs = dict(backbone=model_cfg["backbone"], weights_path=model_cfg.get("weights_path") or None,
+                      dmap_mode=model_cfg["dmap_mode"], temperature=model_cfg["temperature"],
+                      fixed_threshold=model_cfg["fixed_threshold"], alpha=model_cfg["alpha"],
+                      min_loaded_fraction=model_cfg.get("min_loaded_fraction", 0.9),
+                      bn_with_support=model_cfg.get("bn_with_support", True))
+        if components.is_plain_dmap:
+            return FewShotSeg(**kwargs)
+        from models.methods import MethodSeg  # builds on this module
+
+        return MethodSeg(components, **kwargs)
 
     @classmethod
     def from_checkpoint(cls, model_cfg: Mapping[str, Any], path: Union[str, Path],
@@ -179,17 +207,9 @@ class FewShotSeg(nn.Module):
             LTG output, ``fixed_threshold``, or -1 in ``off`` mode = keep everything);
             ``kept_fraction`` scalar: mean fraction of foreground support pixels kept (soft weight sum).
         """
-        s_img, batched = self._as_batched(support_images, "support_images")
-        q_img, q_batched = self._as_batched(query_images, "query_images")
-        masks = support_masks if batched else support_masks.unsqueeze(0)
-        if batched != q_batched:
-            raise ValueError("support_images and query_images must both be 4-D or both 5-D")
-        self._check(s_img, masks)
+        s_img, masks, q_img, batched = self._episode_inputs(support_images, support_masks, query_images)
         b, s = s_img.shape[:2]
         q = q_img.shape[1]
-        if q_img.shape[0] != b or q_img.shape[-2:] != s_img.shape[-2:]:
-            raise ValueError(f"query_images {tuple(query_images.shape)} do not match support_images "
-                             f"{tuple(support_images.shape)}")
         images = torch.cat([s_img.reshape(b * s, *s_img.shape[2:]), q_img.reshape(b * q, *q_img.shape[2:])])
         tau_start = 0 if (self.bn_with_support and self.training) else b * s
         enc = self.encoder(images, tau_start=tau_start)
@@ -229,17 +249,62 @@ class FewShotSeg(nn.Module):
         Returns:
             (probs, aux) as :meth:`forward`.
         """
-        q_img, q_batched = self._as_batched(query_images, "query_images")
-        if q_batched != encoding.batched:
-            raise ValueError("query_images must be 5-D exactly when the support was 5-D")
+        q_img = self._query_inputs(encoding, query_images)
         b, q = q_img.shape[:2]
-        if b != encoding.features.shape[0] or tuple(q_img.shape[-2:]) != tuple(encoding.image_size):
-            raise ValueError(f"query_images {tuple(query_images.shape)} do not match the support encoding "
-                             f"(B={encoding.features.shape[0]}, size={encoding.image_size})")
         enc = self.encoder(q_img.reshape(b * q, *q_img.shape[2:]))
         return self._segment_from_features(encoding, enc["features"], enc["hidden"], enc["tau"], b, q)
 
+    def training_loss(self, probs: torch.Tensor, aux: Dict[str, torch.Tensor], query_masks: torch.Tensor,
+                      gamma: float = 0.7, class_weights: Sequence[float] = (0.1, 1.0),
+                      normalize: str = "pixels") -> torch.Tensor:
+        """The training loss of one batch of episodes, from :meth:`forward`'s outputs (train mode).
+
+        DMAP: the focal loss of the queries (:func:`models.losses.episode_loss`).
+
+        Args:
+            probs: [B, Q, 2, H, W] from :meth:`forward` (5-D inputs).
+            aux: its auxiliary outputs.
+            query_masks: [B, Q, H, W] binary ground truth.
+            gamma, class_weights: the query loss's focusing parameter (focal loss) and class weights
+                (background, foreground).
+            normalize: the focal loss's normalisation, ``pixels`` or ``classes``
+                (:func:`models.losses.focal_loss`).
+
+        Returns:
+            Scalar loss.
+        """
+        return episode_loss(probs, query_masks, gamma, class_weights, normalize)
+
     # ------------------------------------------------------------------ internals
+    def _episode_inputs(self, support_images: torch.Tensor, support_masks: torch.Tensor,
+                        query_images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """Checked 5-D views of one episode's or a batch's inputs.
+
+        Returns:
+            (support images [B, S, 3, H, W], support masks [B, S, H, W], query images [B, Q, 3, H, W],
+            whether the inputs were 5-D).
+        """
+        s_img, batched = self._as_batched(support_images, "support_images")
+        q_img, q_batched = self._as_batched(query_images, "query_images")
+        masks = support_masks if batched else support_masks.unsqueeze(0)
+        if batched != q_batched:
+            raise ValueError("support_images and query_images must both be 4-D or both 5-D")
+        self._check(s_img, masks)
+        if q_img.shape[0] != s_img.shape[0] or q_img.shape[-2:] != s_img.shape[-2:]:
+            raise ValueError(f"query_images {tuple(query_images.shape)} do not match support_images "
+                             f"{tuple(support_images.shape)}")
+        return s_img, masks, q_img, batched
+
+    def _query_inputs(self, encoding: SupportEncoding, query_images: torch.Tensor) -> torch.Tensor:
+        """Checked 5-D view [B, Q, 3, H, W] of the query images of :meth:`segment`."""
+        q_img, q_batched = self._as_batched(query_images, "query_images")
+        if q_batched != encoding.batched:
+            raise ValueError("query_images must be 5-D exactly when the support was 5-D")
+        if q_img.shape[0] != encoding.features.shape[0] or tuple(q_img.shape[-2:]) != tuple(encoding.image_size):
+            raise ValueError(f"query_images {tuple(query_images.shape)} do not match the support encoding "
+                             f"(B={encoding.features.shape[0]}, size={encoding.image_size})")
+        return q_img
+
     def _support_from_features(self, feats: torch.Tensor, hidden: List[torch.Tensor], masks: torch.Tensor,
                                b: int, batched: bool) -> SupportEncoding:
         """feats [B*S, C, h, w], hidden per level [B*S, C_l, h, w], masks [B, S, H, W]."""
@@ -262,23 +327,32 @@ class FewShotSeg(nn.Module):
         return SupportEncoding(features=f, fg=fg, prototype=prototype, cosine=cosine, ltg_support=ltg_support,
                                gate=gate, batched=batched, image_size=size)
 
-    def _segment_from_features(self, enc: SupportEncoding, feats: torch.Tensor, hidden: List[torch.Tensor],
-                               tau: torch.Tensor, b: int, q: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """feats [B*Q, C, h, w], hidden per level [B*Q, C_l, h, w], tau [B*Q]."""
-        _, c, h, w = feats.shape
+    def _select_prototypes(self, enc: SupportEncoding, hidden: List[torch.Tensor], b: int, q: int,
+                           size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The (de-biased) prototypes the queries are segmented with.
+
+        Args:
+            enc: the support encoding.
+            hidden: the queries' hidden stages, per level [B*Q, C_l, h, w] (read in ``learned`` mode).
+            b, q: episodes and queries per episode.
+            size: (h, w) feature resolution.
+
+        Returns:
+            (prototypes [B, K, C] with K = 1, or Q in ``learned`` mode; kept fraction [B, K]; the threshold
+            used per query xi [B, Q], -1 in ``off`` mode).
+        """
         dt = enc.features.dtype
+        device = enc.features.device
         if self.dmap_mode in LTG_MODES:
-            part = self.ltg.query_part(hidden, (h, w))
+            part = self.ltg.query_part(hidden, size)
             xi = self.ltg(enc.ltg_support, enc.gate, part.reshape(b, q, *part.shape[1:])).to(dt)
-        with no_autocast(feats.device):
-            fq = feats.to(dt).reshape(b, q, c, h, w)
-            tau = tau.to(dt).reshape(b, q)
+        with no_autocast(device):
             if self.dmap_mode == "off":
                 prototypes = enc.prototype[:, None]                                   # [B, 1, C]
                 kept = enc.fg.new_ones(b, 1)
-                xi = torch.full((b, q), -1.0, dtype=dt, device=fq.device)
+                xi = torch.full((b, q), -1.0, dtype=dt, device=device)
             elif self.dmap_mode == "fixed":
-                thr = torch.full((b, 1), self.fixed_threshold, dtype=dt, device=fq.device)
+                thr = torch.full((b, 1), self.fixed_threshold, dtype=dt, device=device)
                 prototypes, kept = debiased_prototypes(enc.features, enc.fg, enc.cosine, thr, soft=False)
                 xi = thr.expand(b, q)
             else:
@@ -286,6 +360,17 @@ class FewShotSeg(nn.Module):
                 prototypes, kept = debiased_prototypes(enc.features, enc.fg, enc.cosine, xi, soft=soft,
                                                        temperature=self.temperature,
                                                        straight_through=soft and self.dmap_mode == "learned_st")
+        return prototypes, kept, xi
+
+    def _segment_from_features(self, enc: SupportEncoding, feats: torch.Tensor, hidden: List[torch.Tensor],
+                               tau: torch.Tensor, b: int, q: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """feats [B*Q, C, h, w], hidden per level [B*Q, C_l, h, w], tau [B*Q]."""
+        _, c, h, w = feats.shape
+        dt = enc.features.dtype
+        prototypes, kept, xi = self._select_prototypes(enc, hidden, b, q, (h, w))
+        with no_autocast(feats.device):
+            fq = feats.to(dt).reshape(b, q, c, h, w)
+            tau = tau.to(dt).reshape(b, q)
             cos = feature_cosine(fq, prototypes.expand(b, q, c))                      # [B, Q, h, w]
             p_fg = torch.sigmoid(self.alpha * cos + 0.5 * tau[..., None, None])
             p_fg = F.interpolate(p_fg, size=enc.image_size, mode="bilinear", align_corners=True)

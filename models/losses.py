@@ -79,3 +79,57 @@ def episode_loss(probs: torch.Tensor, query_masks: torch.Tensor, gamma: float = 
                          normalize=normalize)
               for b in range(probs.shape[0])]
     return torch.stack(losses).mean()
+
+
+def clamped_log(probs: torch.Tensor, eps: float = float(torch.finfo(torch.float32).eps)) -> torch.Tensor:
+    """``log(clamp(probs, eps, 1 - eps))`` in float32 (float64 for float64 inputs), autocast disabled.
+
+    The default ``eps`` is float32's machine epsilon, as ADNet's training script clamps.
+    """
+    dt = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    with no_autocast(probs.device):
+        return torch.log(probs.to(dt).clamp(eps, 1.0 - eps))
+
+
+def weighted_nll(log_probs: torch.Tensor, target: torch.Tensor, class_weights: Sequence[float] = (0.1, 1.0),
+                 ignore_index: int = 255) -> torch.Tensor:
+    """Class-weighted negative log-likelihood, normalised by the summed weights of the counted pixels.
+
+    ``loss = -sum_x w_{y(x)} log p_{y(x)}(x) / sum_x w_{y(x)}`` over the pixels whose label is not
+    ``ignore_index`` (``torch.nn.NLLLoss(weight=..., ignore_index=...)``).
+
+    Args:
+        log_probs: [N, K, H, W] log class probabilities.
+        target: [N, H, W] integer class ids in [0, K) or ``ignore_index``.
+        class_weights: K class weights.
+        ignore_index: label of pixels left out.
+
+    Returns:
+        Scalar loss (0 when no pixel counts).
+    """
+    if log_probs.dim() != 4 or target.shape != (log_probs.shape[0], *log_probs.shape[2:]):
+        raise ValueError(f"log_probs must be [N, K, H, W] and target [N, H, W]; got {tuple(log_probs.shape)} "
+                         f"and {tuple(target.shape)}")
+    if len(class_weights) != log_probs.shape[1]:
+        raise ValueError(f"{len(class_weights)} class weights for {log_probs.shape[1]} classes")
+    dt = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
+    with no_autocast(log_probs.device):
+        target = target.long()
+        counted = target != ignore_index
+        safe = torch.where(counted, target, torch.zeros_like(target))
+        log_p = log_probs.to(dt).gather(1, safe.unsqueeze(1)).squeeze(1)                     # [N, H, W]
+        weights = torch.as_tensor(class_weights, dtype=dt, device=log_probs.device)[safe] * counted.to(dt)
+        return -(weights * log_p).sum() / weights.sum().clamp_min(torch.finfo(dt).tiny)
+
+
+def episode_nll(log_probs: torch.Tensor, query_masks: torch.Tensor,
+                class_weights: Sequence[float] = (0.1, 1.0)) -> torch.Tensor:
+    """:func:`weighted_nll` of each episode, averaged over the episodes of the batch (as :func:`episode_loss`).
+
+    Args:
+        log_probs: [B, Q, 2, H, W] log background/foreground probabilities.
+        query_masks: [B, Q, H, W] binary ground truth (255: ignored).
+        class_weights: (background, foreground).
+    """
+    losses = [weighted_nll(log_probs[b], query_masks[b], tuple(class_weights)) for b in range(log_probs.shape[0])]
+    return torch.stack(losses).mean()

@@ -51,6 +51,20 @@ def test_tau_start_skips_support():
     assert none["tau"].shape == (0,)
 
 
+def test_layer4_for_every_image_as_a_feature_path():
+    torch.manual_seed(0)
+    enc = Encoder("resnet18").eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        plain = enc(x, tau_start=2)
+        both = enc(x, tau_start=2, layer4=True)
+        all_l4 = enc.backbone.layer4(plain["hidden"][2])
+    assert "layer4" not in plain and both["layer4"].shape == (3, enc.layer4_channels, 8, 8)
+    torch.testing.assert_close(both["layer4"], all_l4)
+    torch.testing.assert_close(both["tau"], plain["tau"])  # tau still only for x[tau_start:]
+    torch.testing.assert_close(both["features"], plain["features"])
+
+
 def test_random_init_warns_once():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

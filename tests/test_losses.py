@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import focal_loss
+from models.losses import clamped_log, episode_nll, focal_loss, weighted_nll
 
 
 def test_hand_computed():
@@ -49,3 +49,28 @@ def test_shape_errors():
         focal_loss(torch.rand(1, 2, 4, 4), torch.zeros(1, 4, 5, dtype=torch.long))
     with pytest.raises(ValueError):
         focal_loss(torch.rand(1, 2, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), class_weights=(1.0,))
+
+
+def test_weighted_nll_hand_computed_with_an_ignored_pixel():
+    p_fg = torch.tensor([0.8, 0.3, 0.6, 0.1]).reshape(1, 1, 2, 2)
+    log_probs = torch.log(torch.cat([1 - p_fg, p_fg], 1))
+    target = torch.tensor([[1, 0], [0, 255]]).reshape(1, 2, 2)
+    expected = -(1.0 * math.log(0.8) + 0.1 * math.log(0.7) + 0.1 * math.log(0.4)) / (1.0 + 0.1 + 0.1)
+    assert weighted_nll(log_probs, target, (0.1, 1.0)).item() == pytest.approx(expected, rel=1e-6)
+    ref = F.nll_loss(log_probs, target, weight=torch.tensor([0.1, 1.0]), ignore_index=255)
+    torch.testing.assert_close(weighted_nll(log_probs, target, (0.1, 1.0)), ref)
+
+
+def test_episode_nll_is_the_mean_of_per_episode_losses():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 1, 2, 4, 5), 2)
+    target = torch.randint(0, 2, (2, 1, 4, 5))
+    per = [weighted_nll(torch.log(probs[b]), target[b], (0.1, 1.0)) for b in range(2)]
+    torch.testing.assert_close(episode_nll(torch.log(probs), target, (0.1, 1.0)), (per[0] + per[1]) / 2)
+
+
+def test_clamped_log_uses_float32_epsilon():
+    eps = torch.finfo(torch.float32).eps
+    out = clamped_log(torch.tensor([0.0, 0.5, 1.0]))
+    torch.testing.assert_close(out, torch.log(torch.tensor([eps, 0.5, 1 - eps])))
+    assert torch.isfinite(out).all()

@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from tqdm import tqdm
 
-from models.losses import episode_loss
 from trainer.state import TrainingState, save_training_state
 from util.amp import autocast
 from util.checkpoints import STEP_PREFIX, step_checkpoint_name
@@ -28,9 +27,10 @@ LOGGER = logging.getLogger("training")
 __all__ = ["LoopSettings", "set_train_mode", "prune_snapshots", "train_loop"]
 
 #: the auxiliary outputs that are logged: the query threshold offset tau, the de-biasing threshold xi, the
-#: kept fraction of support pixels, and the fractions of query pixels predicted (p > 0.5) and labelled
-#: foreground: a run that drifts to the all-background solution shows pred_fg_fraction -> 0
-LOGGED_AUX = ("tau", "xi", "kept_fraction", "pred_fg_fraction", "true_fg_fraction")
+#: kept fraction of support pixels, the alignment loss and learned scalar threshold of the methods that have
+#: them, and the fractions of query pixels predicted (p > 0.5) and labelled foreground: a run that drifts to
+#: the all-background solution shows pred_fg_fraction -> 0
+LOGGED_AUX = ("tau", "xi", "kept_fraction", "align_loss", "threshold", "pred_fg_fraction", "true_fg_fraction")
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,8 @@ def _optimisation_step(state: TrainingState, net: torch.nn.Module, batch: dict[s
         for key in ("support_images", "support_masks", "query_images", "query_masks"))
     with autocast(device, state.amp):
         probs, aux = net(support_images, support_masks, query_images)
-    loss = episode_loss(probs, query_masks, settings.loss_gamma, settings.class_weights, settings.loss_normalize)
+    loss = state.model.training_loss(probs, aux, query_masks, settings.loss_gamma, settings.class_weights,
+                                     settings.loss_normalize)
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"loss is {loss.item()} at step {state.step + 1}; lower optim.lr or use amp=off")
     state.optimizer.zero_grad(set_to_none=True)

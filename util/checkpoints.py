@@ -132,7 +132,7 @@ def load_model_weights(model: torch.nn.Module, path: str | os.PathLike, state: d
         raise ValueError(
             f"checkpoint {path} does not fit this model: {len(missing)} missing keys "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); "
-            "check model.backbone and model.dmap_mode"
+            "check model.backbone, model.method (and its components) and model.dmap_mode"
         )
     bad = [k for k, v in weights.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
