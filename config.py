@@ -394,14 +394,19 @@ def weights_identity(value: str, backbone: str | None) -> str:
 
 
 def _with_registry_values(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy with ``dataset`` spelled as in the registry and the labels and ``n_sv`` it leaves to the
-    registry filled in (as :func:`resolve_config` does); unknown data sets are left as they are."""
+    """A copy with ``dataset`` spelled as in the registry, the labels and ``n_sv`` it leaves to the registry
+    and the method's components and class weights filled in (as :func:`resolve_config` does); unknown data
+    sets are left as they are."""
     full = copy.deepcopy(dict(cfg))
     name = str(full.get("dataset", "")).upper()
     if name in DATASETS:
         full["dataset"] = name
         with contextlib.suppress(KeyError, ConfigError):
             _resolve_labels(full, get_dataset_spec(name))
+    # the method's components and class weights, as resolve_config writes them into the config
+    if isinstance(full.get("model"), dict) and isinstance(full.get("loss"), dict):
+        with contextlib.suppress(KeyError, TypeError, ConfigError):
+            _resolve_method(full)
     return full
 
 
