@@ -2,14 +2,14 @@
 
 A method (``model.method``) is one choice per component (docs/methods.md):
 
-============  ===================  ============================  ==================  ===========  =========
-method        pooling              head                          feature paths       query loss   extras
-============  ===================  ============================  ==================  ===========  =========
-``dmap``      ``dmap`` (de-biased)  ``tau`` (query offset)        ``layer3``          ``focal``    --
-``adnet``     ``map``              ``threshold`` (learned T)     ``layer3``          ``nll``      alignment, T / 20
-``qnet``      ``map``              ``tau`` (query offset)        ``layer3+layer4``   ``nll``      alignment, refinement
-``alpnet``    ``local``            ``assign`` (local scoring)    ``layer3``          ``nll``      alignment
-============  ===================  ============================  ==================  ===========  =========
+============  ====================  ==========================  =================  ==========  =====================
+method        pooling               head                        feature paths      query loss  extras
+============  ====================  ==========================  =================  ==========  =====================
+``dmap``      ``dmap`` (de-biased)  ``tau`` (query offset)      ``layer3``         ``focal``   --
+``adnet``     ``map``               ``threshold`` (learned T)   ``layer3``         ``nll``     alignment, T / 20
+``qnet``      ``map``               ``tau`` (query offset)      ``layer3+layer4``  ``nll``     alignment, refinement
+``alpnet``    ``local``             ``assign`` (local scoring)  ``layer3``         ``nll``     alignment
+============  ====================  ==========================  =================  ==========  =====================
 
 Each component is a ``model`` config key; ``None`` takes the method's published choice and any other value
 switches that component alone (an ablation). :func:`resolve_components` turns a ``model`` sub-dict into a
@@ -27,7 +27,7 @@ from typing import Any, Dict, Mapping, Tuple
 import torch
 import torch.nn.functional as F
 
-from models.dmap import EPS, compute_dtype, feature_cosine, masked_average_pooling, no_autocast
+from models.dmap import EPS, compute_dtype, masked_average_pooling, no_autocast
 
 METHODS = ("dmap", "adnet", "qnet", "alpnet")
 POOLINGS = ("map", "dmap", "local")

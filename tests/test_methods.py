@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from config import ConfigError, build_config, resolve_config
 from models.components import (METHOD_DEFAULTS, Components, assignment_scores, class_prototype_sets,
                                local_prototypes, offset_probability, refine_prototypes, resolve_components)
-from models.dmap import feature_cosine
 from models.fewshot import FewShotSeg
 from models.losses import clamped_log, episode_loss, episode_nll
 from models.methods import MethodSeg, MethodSupportEncoding, PathSupport
