@@ -30,7 +30,7 @@ setup(
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["models", "dataloaders", "supervoxels", "util", "inference"],
+    packages=["models", "dataloaders", "supervoxels", "util", "inference", "trainer", "evaluation"],
     py_modules=["config", "training", "predict"],
     ext_modules=cythonize(extensions, language_level=3),
     install_requires=read_requirements(),
