@@ -104,11 +104,11 @@ def default_config() -> dict[str, Any]:
         #                   (episodes and EP1 inputs resized; predictions resized back before scoring)
         # "public": draw a supervoxel uniformly, then a slice run and a start slice, redraw while the larger
         # mask has < min_fg_pixels (the public code's distribution); "valid_windows": draw uniformly among
-        # supervoxels with at least one valid window (favours small supervoxels; this project's first sampler)
+        # supervoxels with at least one valid window (favours small supervoxels)
         sampler="public",
         # "public": independent coins for gamma and geometry, shear about the origin, zero-filled border,
         # 21-tap elastic blur (the public code's distribution, one interpolation); "compact": one coin, shear
-        # about the centre, reflected border, 41-tap blur (this project's first augmentation)
+        # about the centre, reflected border, 41-tap blur
         augment_profile="public",
         # training: each support mask grows by a radius drawn from 0..support_spill_px pixels, an annotation
         # that overshoots into the neighbouring tissue, so the de-biasing selection has pixels to discard
@@ -125,7 +125,7 @@ def default_config() -> dict[str, Any]:
             "freeze_bn": False,  # batch-norm layers use running statistics in training
             "min_loaded_fraction": 0.9,  # weights_path must fill this share of the backbone's tensors; 0: any
             # training: layer4 (the tau head's input) sees support and query in one batch, as the public
-            # code; False: the query only (this project's first behaviour)
+            # code; False: the query only
             "bn_with_support": True,
             # the method (docs/methods.md): dmap | adnet | qnet | alpnet. Each component key below left at None
             # takes the method's published choice; a value switches that component alone (ablations)
