@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU figures for the README, in one go (about 5 minutes on an H100): fp32 eager vs bf16 + channels-last
+# GPU figures of docs/performance.md, in one go (about 5 minutes on an H100): fp32 eager vs bf16 + channels-last
 # at batch 1 and 8, 256 x 256, ResNet-101, plus evaluation slices/s. Prints one JSON line per setting.
 #   bash bench/gpu_figures.sh [DEVICE]        (default cuda)
 set -euo pipefail
