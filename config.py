@@ -218,7 +218,7 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "optim": {"lr": 1e-2},
         "log_every": 10,
         "num_workers": 1,
-        "supp_idx": 0,  # the first phantom of the fold, as the demo has always reported
+        "supp_idx": 0,  # the first phantom of the fold: the support of the demo's measured Dice
         "amp": "off",  # fp32 on every CPU kind, so the demo's Dice compares across machines
     },
     # real data on a 2-core CPU within 45 minutes per fold (fp32 on every CPU kind), chosen by measurement on
@@ -227,7 +227,7 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     # paper's 0.1 over-segments from random weights; the learning rate decays x0.7 every 1200 steps.
     "cpu": {
         "model": {"backbone": "resnet18", "bn_with_support": False},
-        # the episode sampler and augmentation these runs were measured with (before the public-code defaults)
+        # the valid-window sampler and compact augmentation, with which the cpu recipe's figures were measured
         "sampler": "valid_windows",
         "augment_profile": "compact",
         "image_size": 160,
@@ -517,7 +517,7 @@ def training_differences(first: Mapping[str, Any], second: Mapping[str, Any],
                          ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
     """The training-relevant keys on which two configs disagree, as (key, first value, second value).
 
-    A key one config lacks (a config stored by an earlier version) counts as the default's value.
+    A key one config lacks (a stored config written without that key) counts as the default's value.
     """
     views = []
     for cfg in (first, second):
