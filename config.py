@@ -84,21 +84,21 @@ def one_line_errors(prog: str) -> Iterator[None]:
 def default_config() -> dict[str, Any]:
     """Default configuration: every key a run reads, with the paper's values."""
     return dict(
-        seed=2025,
+        seed=2025,  # fixes the initial weights and the episode stream (episode i depends on seed and i only)
         dataset="CHAOST2",  # a registry name: dataset_specifics.dataset_names()
         data_root="data",  # holds one folder per data set
         data_dir=None,  # None -> <data_root>/<dataset>
         n_sv=None,  # supervoxel min_size; None -> the data set's default (5000 abdominal, 1000 cardiac)
         supervoxel_dir=None,  # None -> <data_dir>/supervoxels_<n_sv>; set it when data_dir is read-only
-        eval_fold=0,
+        eval_fold=0,  # the fold held out for evaluation (0 .. the data set's folds - 1); the others train
         volumes=None,  # None -> the folder's volumes, which must be the registry's public ids; or a list of ids
         setting=1,  # 1: test organs may appear unlabelled in training; 2: slices with them are excluded
         test_label=None,  # None -> the data set's benchmark organs
         exclude_label=None,  # None -> test_label in setting 2, nothing in setting 1
         exclude_mode="any",  # "any" (correct setting 2) or "all" (peer-code behaviour)
         use_gt=False,  # supervised episodes from ground truth instead of supervoxels
-        n_shot=1,
-        augment=True,
+        n_shot=1,  # support images per training episode
+        augment=True,  # augment the training episodes (augment_profile); False: no augmentation
         min_fg_pixels=200,  # pixels in the larger of an episode's two masks (supervoxel or label episodes)
         image_size=None,  # None -> the data's slice size; else the model runs at image_size x image_size
         #                   (episodes and EP1 inputs resized; predictions resized back before scoring)
@@ -116,12 +116,12 @@ def default_config() -> dict[str, Any]:
         support_spill_px=0,
 
         model={
-            "backbone": "resnet101",
+            "backbone": "resnet101",  # resnet101 | resnet50 | resnet34 | resnet18 (torchvision ResNet)
             "weights_path": "",  # "coco" | "imagenet" (torch hub cache) | a local checkpoint | "" (random init)
             "dmap_mode": "learned",  # learned | learned_st | fixed | off (docs/method.md)
             "temperature": 0.05,  # soft selection sigmoid((s - xi) / temperature) in training
-            "fixed_threshold": 0.9,
-            "alpha": 10.0,
+            "fixed_threshold": 0.9,  # xi of dmap_mode=fixed: support pixels with cosine >= this are kept
+            "alpha": 10.0,  # cosine scale of the prediction p_fg = sigmoid(alpha * cos + tau / 2)
             "freeze_bn": False,  # batch-norm layers use running statistics in training
             "min_loaded_fraction": 0.9,  # weights_path must fill this share of the backbone's tensors; 0: any
             # training: layer4 (the tau head's input) sees support and query in one batch, as the public
@@ -137,7 +137,7 @@ def default_config() -> dict[str, Any]:
             "align_weight": None,  # prototype alignment loss weight; 0: none
             "threshold_loss_weight": None,  # weight of ADNet's threshold loss T / 20 (head=threshold)
             "refine_iters": None,  # Adam steps of Q-Net's test-time prototype refinement; 0: none
-            "refine_lr": 0.01,
+            "refine_lr": 0.01,  # Adam learning rate of the test-time refinement (refine_iters)
             "fusion_weight": 0.9,  # a in a p_layer3 + (1 - a) p_layer4 (Q-Net; 0.6 in its Setting 2)
             "threshold_init": -10.0,  # initial T of head=threshold
             "assign_scale": 20.0,  # cosine scale of head=assign
@@ -145,15 +145,23 @@ def default_config() -> dict[str, Any]:
             "local_window_eval": 4,  # the window in evaluation (16 px)
             "local_threshold": 0.95,  # a window is a local prototype when this share of it is in the mask
         },
-        # query loss parameters: gamma of the focal loss; class weights (background, foreground), None: the
-        # method's own (0.1 / 1.0; alpnet 0.05 / 1.0); normalize: "pixels" (sum over pixels / summed weights,
-        # the paper) or "classes" (each class's mean over its own pixels, then weighted)
-        loss={"gamma": 0.7, "class_weights": None, "normalize": "pixels"},
-        # grad_clip: the gradients' total norm is clipped to this before each update (0: no clipping)
-        optim={"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4, "grad_clip": 0.0},
+        loss={
+            "gamma": 0.7,  # gamma of the focal loss (query_loss=focal)
+            # class weights (background, foreground); None: the method's own (0.1 / 1.0; alpnet 0.05 / 1.0)
+            "class_weights": None,
+            # "pixels": sum over pixels / summed weights (the paper); "classes": each class's mean over its
+            # own pixels, then weighted
+            "normalize": "pixels",
+        },
+        optim={
+            "lr": 1e-3,  # SGD base learning rate: lr_schedule starts from it, a warm-up ramps up to it
+            "momentum": 0.9,  # SGD momentum
+            "weight_decay": 5e-4,  # SGD weight decay (L2)
+            "grad_clip": 0.0,  # the gradients' total norm is clipped to this before each update; 0: none
+        },
         lr_schedule="step",  # "step": x lr_gamma every lr_step_size steps (the paper); "cosine": lr -> lr * lr_final_factor
-        lr_step_size=3000,
-        lr_gamma=0.98,
+        lr_step_size=3000,  # steps between the decays of the "step" schedule
+        lr_gamma=0.98,  # factor of each decay of the "step" schedule
         lr_final_factor=0.01,  # the cosine schedule's last learning rate, as a fraction of optim.lr
         lr_warmup_steps=0,  # linear warm-up of the learning rate over these first steps (0: none)
         # exponential moving average of the weights (and batch-norm buffers), stored beside the raw weights in
@@ -162,42 +170,44 @@ def default_config() -> dict[str, Any]:
         ema_warmup=True,  # the average's decay ramps up as min(ema_decay, (1 + n) / (10 + n)) over its n updates
         n_steps=33000,  # the public code: 11 x 3000 steps
         batch_size=1,  # episodes per step (per process under torchrun)
-        save_snapshot_every=5000,
+        save_snapshot_every=5000,  # steps between step snapshots (<run_dir>/snapshots/step_<n>.pth)
         keep_snapshots=2,  # step snapshots kept besides final.pth (and the eval_step snapshot)
         eval_step=30000,  # test.py evaluates this step's snapshot when it exists (the public protocol)
-        log_every=20,
-        resume=False,
+        log_every=20,  # steps between logged scalars (Sacred's metrics.json and TensorBoard)
+        resume=False,  # continue from the newest snapshot in the run folder (same training config)
         time_limit_min=0,  # > 0: stop cleanly after this many minutes (weights saved; resume=True continues)
 
         device="auto",  # auto | cpu | cuda | cuda:N
-        num_workers=2,
+        num_workers=2,  # DataLoader worker processes that draw the training episodes
         amp="auto",  # auto (bf16 where the device has native bf16, else fp32) | off | bf16 | fp16
-        channels_last=False,
-        cudnn_benchmark=True,
+        channels_last=False,  # store activations as [B, H, W, C] in memory (faster convolutions on GPUs)
+        cudnn_benchmark=True,  # let cuDNN time and pick the fastest convolution algorithms (CUDA)
         num_threads=0,  # torch CPU threads; 0 -> torch default
 
         # evaluation (test.py)
+
         supp_idx=2,  # position of the support volume in the test fold (2, as the public evaluation script)
         rotate_support=False,  # evaluate with every fold member as support, report mean and spread
-        n_part=3,
+        n_part=3,  # EP1: chunks of each query volume, each segmented with the support slice at its position
         eval_batch=0,  # query slices per forward; 0 -> 16 on CUDA, 1 on CPU (batches were slower there)
         reload_model_path=None,  # None -> the eval_step snapshot if it exists, else <run_dir>/snapshots/final.pth
         eval_weights="auto",  # auto: the averaged weights when the checkpoint has them, else the raw | averaged | raw
         # the model and image_size come from the checkpoint; this changes them for one evaluation, e.g.
         # eval_override.model.fixed_threshold=0.8 or eval_override.image_size=128 (recorded in results.json)
         eval_override={},
-        save_predictions=True,
+        save_predictions=True,  # write the predicted label volumes (NIfTI) to <run_dir>/results/predictions
         n_overlays=3,  # PNG overlays per class and query volume
 
         tag="",  # appended to the experiment name
-        path={"log_dir": "runs"},
-        tensorboard=True,
+        path={"log_dir": "runs"},  # the folder that holds the run folders
+        tensorboard=True,  # also write the logged scalars to <run_dir>/tensorboard (needs the tensorboard extra)
     )
 
 
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     # one per registered data set (chaos, sabs, cmr, synth)
     **{spec.config_name: {"dataset": name} for name, spec in DATASETS.items()},
+    # Setting 2: training leaves out the slices that show a test organ (the key setting)
     "setting2": {"setting": 2},
     # the embedded synthetic demo: small backbone and phantoms so it trains on two CPU cores in minutes.
     # From random weights the paper's background weight 0.1 makes the model over-segment (measured on the
@@ -218,7 +228,7 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "optim": {"lr": 1e-2},
         "log_every": 10,
         "num_workers": 1,
-        "supp_idx": 0,  # the first phantom of the fold, as the demo has always reported
+        "supp_idx": 0,  # the first phantom of the fold: the support of the demo's measured Dice
         "amp": "off",  # fp32 on every CPU kind, so the demo's Dice compares across machines
     },
     # real data on a 2-core CPU within 45 minutes per fold (fp32 on every CPU kind), chosen by measurement on
@@ -227,7 +237,7 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     # paper's 0.1 over-segments from random weights; the learning rate decays x0.7 every 1200 steps.
     "cpu": {
         "model": {"backbone": "resnet18", "bn_with_support": False},
-        # the episode sampler and augmentation these runs were measured with (before the public-code defaults)
+        # the valid-window sampler and compact augmentation, with which the cpu recipe's figures were measured
         "sampler": "valid_windows",
         "augment_profile": "compact",
         "image_size": 160,
@@ -517,7 +527,7 @@ def training_differences(first: Mapping[str, Any], second: Mapping[str, Any],
                          ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
     """The training-relevant keys on which two configs disagree, as (key, first value, second value).
 
-    A key one config lacks (a config stored by an earlier version) counts as the default's value.
+    A key one config lacks (a stored config written without that key) counts as the default's value.
     """
     views = []
     for cfg in (first, second):

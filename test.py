@@ -103,8 +103,8 @@ def model_settings(cfg: dict[str, Any], state: dict[str, Any], path: Path) -> tu
     """The model sub-dict and image size to evaluate ``path`` with (:func:`config.evaluation_model_config`).
 
     The checkpoint the run folder holds (no ``reload_model_path``) must also have been trained with the
-    command line's recipe: weights copied in by hand, or a folder named by an earlier version of
-    ``config.experiment_name``, may hold another one.
+    command line's recipe: weights copied in by hand, or a folder renamed or named under another naming rule
+    than ``config.experiment_name``'s, may hold another one.
     """
     stored = trained_config(state, path)
     if not cfg["reload_model_path"]:

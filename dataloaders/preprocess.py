@@ -47,7 +47,7 @@ Steps (docs/protocol.md, "Pre-processing"; the numbers are the registry's):
   largest value >= 0.5, else background). Crop/pad: images padded with their minimum, labels with 0.
 - Resampled size per axis (``--resample-size``): ``public`` (default) ``int(n * s / t + 1)``, as the public
   scripts, whose volumes therefore often end with an extra, all-zero slice (Synapse: 257 x 257 before the
-  crop to 256); ``round`` gives ``round(n * s / t)`` (this project's first rule).
+  crop to 256); ``round`` gives ``round(n * s / t)``, the nearest whole number of voxels.
 
 Mask alignment (CHAOS): the public notebook converts the DICOM series with ``dcm2nii`` (which stores the
 rows bottom-up) and therefore flips the stacked PNG masks along the second array axis. Here the DICOM series

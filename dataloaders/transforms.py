@@ -19,7 +19,7 @@ Two profiles (``augment_params``), differing in structure, not ranges:
   here the two are composed into one sampling map (one bilinear interpolation), which gives the same
   displacements without the second blur of the image. The episode flips independent coins for the
   gamma's side and the geometry's side.
-- ``compact``: this project's first augmentation: rotation, shear and scale about the centre
+- ``compact``: rotation, shear and scale about the centre
   ((W - 1) / 2, (H - 1) / 2) then the shift, reflected border, the elastic blur OpenCV chooses for sigma 5
   (41 taps), one coin for the side that gets both gamma and geometry.
 """

@@ -4,7 +4,7 @@ The names resolve through torchvision's weight enums to a file in the torch hub 
 (``$TORCH_HOME/hub/checkpoints``, by default ``~/.cache/torch/hub/checkpoints``), the same place
 ``torchvision`` itself uses, so weights downloaded once by any torchvision program are found. A missing file
 is downloaded when the machine is online; offline, the error names the URL and the exact path where the file
-can be put by hand. Any other ``weights_path`` value is a local file, as before.
+can be put by hand. Any other non-empty ``weights_path`` value is a local file.
 
 - ``coco``: DeepLabV3 COCO weights (the paper's initialisation); ResNet-101 and ResNet-50 only.
 - ``imagenet``: the ImageNet-1k classification weights of the chosen ResNet.

@@ -11,6 +11,10 @@ does, with the model it was trained as: the final weights with results, predicti
 pictures), skipped when that file exists. Checkpoints that hold averaged weights are scored with them
 (``eval_weights=auto``); ``--raw-too`` also scores their raw weights, into ``<run>/results_raw`` and
 ``<run>/snapshot_results_raw/step_<n>``.
+
+With ``tensorboard=True`` (the default) and TensorBoard installed, the mean Dice of each checkpoint evaluated
+by this call is also written into the run's TensorBoard folder ``<run>/tensorboard``, at the checkpoint's
+training step, as ``eval/dice`` (``eval_raw/dice`` for ``--raw-too``), beside the training curves.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from config import (NAMED_CONFIGS, ConfigError, build_config, configure_logging, one_line_errors,  # noqa: E402
                     resolve_config)
 from util.checkpoints import FINAL_NAME, STEP_PREFIX  # noqa: E402
+from util.logger import ScalarLogger  # noqa: E402
 
 
 def parse_with_arguments(words: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -51,6 +56,13 @@ def parse_with_arguments(words: list[str]) -> tuple[list[str], dict[str, Any]]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return named, updates
+
+
+def log_dice(board: ScalarLogger | None, summary: dict[str, Any], suffix: str = "") -> None:
+    """Write the mean Dice of an evaluation at its checkpoint's training step as ``eval<suffix>/dice``."""
+    step = ((summary.get("provenance") or {}).get("checkpoint") or {}).get("step")
+    if board is not None and step is not None:
+        board.log({f"eval{suffix}/dice": summary["mean"]["model"]["dice"]}, int(step))
 
 
 def load_test_module():
@@ -81,24 +93,40 @@ def main(argv: list[str] | None = None) -> int:
         if not final.is_file():
             raise FileNotFoundError(f"{final} does not exist (train the run first)")
         test = load_test_module()
-        passes = [("", cfg.get("eval_weights", "auto"))] + ([("_raw", "raw")] if args.raw_too else [])
-        for suffix, weights in passes:
-            for path in sorted(snapshots.glob(f"{STEP_PREFIX}*.pth")):
-                out_dir = run / f"snapshot_results{suffix}" / path.stem
-                if (out_dir / "results.json").is_file():
-                    continue
-                summary, _ = test.run_test(dict(cfg, reload_model_path=str(path), save_predictions=False,
-                                                eval_weights=weights), out_dir)
-                print(f"{path.name} ({summary['weights']} weights): mean Dice "
-                      f"{summary['mean']['model']['dice']:.4f}", flush=True)
-        if args.raw_too:
-            summary, out_dir = test.run_test(dict(cfg, reload_model_path=str(final), save_predictions=False,
-                                                  eval_weights="raw"), run / "results_raw")
-            print(f"final (raw weights): mean Dice {summary['mean']['model']['dice']:.4f}", flush=True)
-        summary, out_dir = test.run_test(dict(cfg, reload_model_path=str(final)), run / "results")
+        board = ScalarLogger(None, run / "tensorboard") if cfg.get("tensorboard") else None
+        try:
+            summary, out_dir = evaluate_all(test, cfg, run, final, board, args.raw_too)
+        finally:
+            if board is not None:
+                board.close()
     print(test.format_table(summary))
     print(f"results: {out_dir / 'results.json'}")
     return 0
+
+
+def evaluate_all(test: Any, cfg: dict[str, Any], run: Path, final: Path, board: ScalarLogger | None,
+                 raw_too: bool) -> tuple[dict[str, Any], Path]:
+    """Each step snapshot not yet evaluated, then the final weights (as :func:`main` describes)."""
+    snapshots = final.parent
+    passes = [("", cfg.get("eval_weights", "auto"))] + ([("_raw", "raw")] if raw_too else [])
+    for suffix, weights in passes:
+        for path in sorted(snapshots.glob(f"{STEP_PREFIX}*.pth")):
+            out_dir = run / f"snapshot_results{suffix}" / path.stem
+            if (out_dir / "results.json").is_file():
+                continue
+            summary, _ = test.run_test(dict(cfg, reload_model_path=str(path), save_predictions=False,
+                                            eval_weights=weights), out_dir)
+            log_dice(board, summary, suffix)
+            print(f"{path.name} ({summary['weights']} weights): mean Dice "
+                  f"{summary['mean']['model']['dice']:.4f}", flush=True)
+    if raw_too:
+        summary, out_dir = test.run_test(dict(cfg, reload_model_path=str(final), save_predictions=False,
+                                              eval_weights="raw"), run / "results_raw")
+        log_dice(board, summary, "_raw")
+        print(f"final (raw weights): mean Dice {summary['mean']['model']['dice']:.4f}", flush=True)
+    summary, out_dir = test.run_test(dict(cfg, reload_model_path=str(final)), run / "results")
+    log_dice(board, summary)
+    return summary, out_dir
 
 
 if __name__ == "__main__":

@@ -79,8 +79,8 @@ def check_same_recipe(group: str, results: list[dict]) -> str | None:
     """Why the folds of a group must not be averaged, or None.
 
     Every fold's training config (``provenance.training_config``) must agree with the first one's in every
-    training-relevant key but ``eval_fold``. A group where no file records a training config (results of an
-    earlier version) is not checked; one where only some do is refused.
+    training-relevant key but ``eval_fold``. A group where no file records a training config (results files
+    written without ``provenance.training_config``) is not checked; one where only some do is refused.
     """
     configs = [(r["_path"], (r.get("provenance") or {}).get("training_config")) for r in results]
     missing = [path for path, cfg in configs if not isinstance(cfg, dict)]

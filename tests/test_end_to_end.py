@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -66,15 +68,41 @@ def test_time_limit_stops_cleanly_and_resume_finishes(synth_root, tmp_path):
     assert load_checkpoint(final)["step"] == cfg["n_steps"]
 
 
-def test_sacred_train_then_test_writes_results(synth_root, tmp_path):
+class RecordingWriter:
+    """Stands in for TensorBoard's ``SummaryWriter`` (not installed here): records what it would write."""
+
+    made: list["RecordingWriter"] = []
+
+    def __init__(self, log_dir: str):
+        self.log_dir, self.scalars = log_dir, []
+        RecordingWriter.made.append(self)
+
+    def add_scalar(self, name: str, value: float, step: int) -> None:
+        self.scalars.append((name, value, step))
+
+    def close(self) -> None:
+        pass
+
+
+def test_sacred_train_then_test_writes_results(synth_root, tmp_path, monkeypatch):
+    RecordingWriter.made = []
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=RecordingWriter))
     updates = smoke_updates(synth_root, tmp_path)
-    train_run = training.ex.run(named_configs=["smoke"], config_updates=updates)
+    train_run = training.ex.run(named_configs=["smoke"], config_updates=dict(updates, tensorboard=True))
     final = Path(train_run.result)
     assert final.name == "final.pth" and final.is_file()
     run_dir = final.parent.parent
     metrics = json.loads(next((run_dir / "train").glob("*/metrics.json")).read_text())
     assert len(metrics["loss"]["values"]) == 4 and all(np.isfinite(metrics["loss"]["values"]))
-    assert "xi" in metrics and "tau" in metrics
+    assert {"loss", "lr", "tau", "xi", "kept_fraction", "pred_fg_fraction"} <= set(metrics)
+    # TensorBoard gets the same scalars as metrics.json, in the run folder's tensorboard/
+    (writer,) = RecordingWriter.made
+    assert Path(writer.log_dir) == run_dir / "tensorboard"
+    for name, record in metrics.items():
+        written = [(step, value) for n, value, step in writer.scalars if n == name]
+        assert [step for step, _ in written] == record["steps"], name
+        assert [value for _, value in written] == pytest.approx(record["values"]), name
+    assert {name for name, _, _ in writer.scalars} == set(metrics)
 
     test_script = load_test_script()
     test_run = test_script.ex.run(named_configs=["smoke"], config_updates=updates)

@@ -141,7 +141,7 @@ def test_a_differing_model_key_stops_the_entry_point_in_one_line(synth_root, tra
 def test_a_folder_holding_another_recipe_is_neither_evaluated_nor_resumed(synth_root, trained, test_script, tmp_path):
     _, _, final = trained
     plain = config(synth_root, tmp_path)
-    # the plain recipe's folder holding the fixed-mode weights (copied in, or named by an earlier version)
+    # the plain recipe's folder holding the fixed-mode weights (copied in, or named under another naming rule)
     legacy = Path(plain["snapshot_dir"])
     legacy.mkdir(parents=True)
     shutil.copy(final, legacy / "final.pth")

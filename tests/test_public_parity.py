@@ -1,6 +1,8 @@
-"""Protocol switches that reproduce the public DMAP code: each default, and the alternative that keeps this
-project's first behaviour, tested against hand-computed probabilities or the figures of the side-by-side
-check (README "What differs from the public code")."""
+"""Protocol switches that reproduce the public DMAP code (``sampler``, ``augment_profile``,
+``model.bn_with_support``, ``eval_step``, the ``public_code`` named config): the public code's choice of each
+switch and its alternative (``sampler=valid_windows``, ``augment_profile=compact``, ...), tested against
+hand-computed probabilities or the figures of the side-by-side check (README "What differs from the public
+code")."""
 from __future__ import annotations
 
 import warnings
@@ -86,7 +88,7 @@ def test_sampler_name_is_checked():
 @pytest.mark.slow
 @pytest.mark.real_data
 def test_public_sampler_mask_sizes_on_chaos(chaos_dir, tmp_path):
-    """The issue's CHAOS fold-0 figures: support masks < 500 px in 17.2 % (public) vs 25.0 %
+    """The CHAOS fold-0 figures measured with both samplers: support masks < 500 px in 17.2 % (public) vs 25.0 %
     (valid_windows) of the episodes; median 1630 vs 1440 px."""
     from dataloaders.dataset_specifics import get_dataset_spec
     from dataloaders.episodes import build_training_cases
@@ -109,7 +111,7 @@ def test_public_sampler_mask_sizes_on_chaos(chaos_dir, tmp_path):
         sizes = np.array([int(ds[i]["support_masks"].sum()) for i in range(3000)])
         measured[sampler] = (np.mean(sizes < 500), np.median(sizes))
         # measured with this repository's supervoxels, seed 0: public 16.1 %, 1786 px; valid_windows 22.0 %,
-        # 1512 px (the issue's supervoxels differ a little)
+        # 1512 px (the reference figures come from supervoxels that differ a little)
         assert abs(measured[sampler][0] - small_share) < 0.045, (sampler, measured[sampler])
         assert abs(measured[sampler][1] - median) < 250, (sampler, measured[sampler])
     assert measured["public"][0] < measured["valid_windows"][0] - 0.04

@@ -1,6 +1,6 @@
 """Stable end-of-training weights and the pieces around them: the weight average (EMA) with batch-norm
 buffers, the learning-rate schedules, the class-normalised focal loss, the straight-through selection
-(``learned_st``), which weights evaluation reads, and the config checks of the new keys."""
+(``learned_st``), which weights evaluation reads, and the config checks of their keys."""
 from __future__ import annotations
 
 import math
