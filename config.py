@@ -232,7 +232,7 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "amp": "off",  # fp32 on every CPU kind, so the demo's Dice compares across machines
     },
     # real data on a 2-core CPU within 45 minutes per fold (fp32 on every CPU kind), chosen by measurement on
-    # CHAOS fold 0 (README, "Real data on a CPU"): ResNet-18 from random weights at 160 x 160 runs about 0.22 s
+    # CHAOS fold 0 (docs/results.md): ResNet-18 from random weights at 160 x 160 runs about 0.22 s
     # a step on 2 cores; background weight 0.5 beat 1.0 (Dice 0.59 vs 0.44 after 1445 steps) and the
     # paper's 0.1 over-segments from random weights; the learning rate decays x0.7 every 1200 steps.
     "cpu": {
@@ -251,7 +251,7 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "keep_snapshots": 10,
         "num_workers": 1,
     },
-    # the public DMAP code in every switchable point (README "What differs from the public code"); the
+    # the public DMAP code in every switchable point (docs/differences.md); the
     # remaining difference, the resampled size of pre-processing, is `--resample-size` of the pre-processing
     "public_code": {
         "model": {"dmap_mode": "fixed", "fixed_threshold": 0.9, "bn_with_support": True},
