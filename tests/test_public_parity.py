@@ -1,8 +1,7 @@
 """Protocol switches that reproduce the public DMAP code (``sampler``, ``augment_profile``,
 ``model.bn_with_support``, ``eval_step``, the ``public_code`` named config): the public code's choice of each
 switch and its alternative (``sampler=valid_windows``, ``augment_profile=compact``, ...), tested against
-hand-computed probabilities or the figures of the side-by-side check (README "What differs from the public
-code")."""
+hand-computed probabilities or the figures of the side-by-side check (docs/differences.md)."""
 from __future__ import annotations
 
 import warnings
