@@ -347,9 +347,8 @@ NON_TRAINING_KEYS = frozenset({
     "log_every", "save_snapshot_every", "keep_snapshots", "tensorboard",
 })
 # training-relevant keys spelled out in the run folder's name itself: the data set, setting and fold, then
-# for model.method=dmap its mode (the method left unsaid, so DMAP folders keep the names they had before
-# methods existed), for any other method the method (its model.dmap_mode then counts in the recipe digest
-# when it is not the default)
+# for model.method=dmap its mode (the method left unsaid: ..._fold0_learned), for any other method the
+# method (..._fold0_adnet; its model.dmap_mode then counts in the recipe digest when not the default)
 RUN_NAME_KEYS = ("dataset", "setting", "eval_fold", "model.method", "model.dmap_mode")
 DEFAULT_METHOD = "dmap"
 DIGEST_LENGTH = 8
