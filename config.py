@@ -356,8 +356,11 @@ NON_TRAINING_KEYS = frozenset({
     "device", "num_workers", "num_threads", "cudnn_benchmark", "channels_last", "amp", "resume", "time_limit_min",
     "log_every", "save_snapshot_every", "keep_snapshots", "tensorboard",
 })
-# training-relevant keys spelled out in the run folder's name itself
-RUN_NAME_KEYS = ("dataset", "setting", "eval_fold", "model.dmap_mode")
+# training-relevant keys spelled out in the run folder's name itself: the data set, setting and fold, then
+# for model.method=dmap its mode (the method left unsaid: ..._fold0_learned), for any other method the
+# method (..._fold0_adnet; its model.dmap_mode then counts in the recipe digest when not the default)
+RUN_NAME_KEYS = ("dataset", "setting", "eval_fold", "model.method", "model.dmap_mode")
+DEFAULT_METHOD = "dmap"
 DIGEST_LENGTH = 8
 
 
@@ -436,41 +439,54 @@ def training_view(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _name_values(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The :data:`RUN_NAME_KEYS` of a config."""
+    """The :data:`RUN_NAME_KEYS` a config's folder name spells out: ``model.dmap_mode`` only for the DMAP
+    method (a config without ``model.method`` is DMAP)."""
     view = _flatten(_with_registry_values(cfg))
-    return {key: view.get(key) for key in RUN_NAME_KEYS}
+    own = {key: view.get(key) for key in RUN_NAME_KEYS}
+    own["model.method"] = own["model.method"] or DEFAULT_METHOD
+    if own["model.method"] != DEFAULT_METHOD:
+        del own["model.dmap_mode"]
+    return own
+
+
+def _name_slot(name_values: Mapping[str, Any]) -> str:
+    """The word after ``fold<f>_`` in a folder name: the DMAP mode for DMAP, else the method."""
+    return str(name_values.get("model.dmap_mode") or name_values["model.method"])
 
 
 def _default_view(name_values: Mapping[str, Any]) -> dict[str, Any]:
     """:func:`training_view` of the default config with the given run-name values."""
     updates: dict[str, Any] = {key: value for key, value in name_values.items() if "." not in key}
-    updates["model"] = {"dmap_mode": name_values["model.dmap_mode"]}
+    updates["model"] = {key[len("model."):]: value for key, value in name_values.items() if key.startswith("model.")}
     return training_view(build_config((), updates))
 
 
 def recipe_differences(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The training-relevant values of ``cfg`` that differ from the default config of the same data set,
-    setting, fold and ``model.dmap_mode`` (the keys of the run folder's name left out)."""
-    view, base = training_view(cfg), _default_view(_name_values(cfg))
+    setting, fold and method (and ``model.dmap_mode`` for DMAP); the keys of the run folder's name left out."""
+    own = _name_values(cfg)
+    view, base = training_view(cfg), _default_view(own)
     return {key: value for key, value in view.items()
-            if key not in RUN_NAME_KEYS and (key not in base or not _same(value, base[key]))}
+            if key not in own and (key not in base or not _same(value, base[key]))}
 
 
 def _named_configs_of(cfg: Mapping[str, Any], differences: Mapping[str, Any]) -> list[str]:
     """Named configs whose training-relevant values ``cfg`` all has (the most specific ones, in order).
 
-    A named config that sets a key of the folder's name (data set, setting, mode) to another value than
-    ``cfg`` has, or that changes nothing training-relevant, does not match.
+    A named config that sets a key of the folder's name (data set, setting, method, DMAP mode) to another
+    value than ``cfg`` has, or that changes nothing training-relevant, does not match.
     """
     own = _name_values(cfg)
     matches: dict[str, dict[str, Any]] = {}
     for name in NAMED_CONFIGS:
         sets = _flatten(NAMED_CONFIGS[name])
-        named = _name_values(build_config([name]))
-        if any(key in sets and not _same(named[key], own[key]) for key in RUN_NAME_KEYS):
+        named = _flatten(_with_registry_values(build_config([name])))
+        if any(key in sets and not _same(named.get(key), value) for key, value in own.items()):
             continue
-        placed = build_config([name], {"dataset": own["dataset"], "setting": own["setting"],
-                                       "eval_fold": own["eval_fold"], "model": {"dmap_mode": own["model.dmap_mode"]}})
+        placed = build_config([name], {key: value for key, value in own.items() if "." not in key})
+        for key, value in own.items():
+            if key.startswith("model."):
+                placed["model"][key[len("model."):]] = value
         wanted = recipe_differences(placed)
         if wanted and _contained(wanted, differences):
             matches[name] = wanted
@@ -505,15 +521,16 @@ def _digestable(value: Any) -> Any:
 
 
 def experiment_name(cfg: Mapping[str, Any]) -> str:
-    """Folder name of a run: ``<dataset>_setting<s>_fold<f>_<mode>[_<recipe>][_<tag>]``.
+    """Folder name of a run: ``<dataset>_setting<s>_fold<f>_<mode or method>[_<recipe>][_<tag>]``.
 
-    ``<recipe>`` is :func:`recipe_suffix`: absent for the default recipe (``CHAOST2_setting1_fold0_learned``),
-    else e.g. ``CHAOST2_setting1_fold0_learned_cpu-3f2a9c1e``; two configs that differ in a training-relevant
-    key never share a name, and ``test.py`` with the training command's named configs and overrides
-    finds the run.
+    The word after the fold is ``model.dmap_mode`` for ``model.method=dmap`` (``learned``, ``off``, ...) and
+    the method for any other (``adnet``, ``qnet``, ``alpnet``). ``<recipe>`` is :func:`recipe_suffix`: absent
+    for the default recipe (``CHAOST2_setting1_fold0_learned``, ``CHAOST2_setting1_fold0_adnet``), else e.g.
+    ``CHAOST2_setting1_fold0_learned_cpu-3f2a9c1e``; two configs that differ in a training-relevant key never
+    share a name, and ``test.py`` with the training command's named configs and overrides finds the run.
     """
     own = _name_values(cfg)
-    name = f"{own['dataset']}_setting{own['setting']}_fold{own['eval_fold']}_{own['model.dmap_mode']}"
+    name = f"{own['dataset']}_setting{own['setting']}_fold{own['eval_fold']}_{_name_slot(own)}"
     parts = [name, recipe_suffix(cfg), str(cfg.get("tag") or "")]
     return "_".join(part for part in parts if part)
 

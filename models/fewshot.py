@@ -38,6 +38,11 @@ from models.losses import episode_loss
 from util.checkpoints import load_model_weights
 
 
+def trainable_parameter_count(module: nn.Module) -> int:
+    """Number of parameter values training updates: those with ``requires_grad`` (frozen parts left out)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
 @dataclass
 class SupportEncoding:
     """The support side of an episode batch, computed once and reused for many query slices.

@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
-# A seeded sweep of DMAP arms: train every (fold, arm, seed) at the same budget, evaluate each (its final
-# weights and each step snapshot, for Dice against training step), then write the tables (per run, per arm
-# mean +- std over folds and seeds, paired differences between arms with 95 % bootstrap intervals) and the
-# training-curve pictures (script/ablation_report.py).
+# A seeded sweep of arms -- DMAP modes and other methods -- under one protocol: train every (fold, arm, seed)
+# at the same budget, evaluate each (its final weights and each step snapshot, for Dice against training
+# step), then write the tables (per run; per arm mean +- std over folds and seeds, parameters and training
+# time; paired differences between arms with 95 % bootstrap intervals) and the training-curve pictures
+# (script/ablation_report.py).
+#
+# An arm is a DMAP mode (learned, learned_st, fixed, off: model.method=dmap model.dmap_mode=<mode>) or another
+# method (adnet, qnet, alpnet: model.method=<method>, each with its own components; docs/methods.md). With
+# model.method given among the arguments, the arms can only be modes: that method's model.dmap_mode is swept
+# (e.g. bash script/ablation.sh cpu model.method=adnet model.pooling=dmap).
 #
 #   DATASET=CHAOST2 DATA_ROOT=data SV_DIR=runs/chaos_sv/supervoxels_5000 FOLDS="0" \
 #       bash script/ablation.sh cpu               # arguments: named configs / Sacred overrides
-#   ARMS="0:learned 0:fixed 0:off 1:learned" PARALLEL=2 bash script/ablation.sh cpu
+#   ARMS="0:learned 0:fixed 0:off 1:learned 0:adnet" PARALLEL=2 bash script/ablation.sh cpu
 #   FOLDS="0 1" MODES="learned off" SEEDS="1 2 3" PARALLEL=2 bash script/ablation.sh cpu
+#   METHODS="dmap:learned dmap:off adnet qnet alpnet" FOLDS="0 1 2" SEEDS="1 2 3" bash script/ablation.sh cpu
+#   DRY_RUN=1 METHODS="dmap:learned adnet" bash script/ablation.sh cpu    # print the commands only
 #
 # Environment (defaults): DATASET (CHAOST2), SETTING (1), DATA_ROOT (data), SV_DIR (unset: the data
-# folder's supervoxels_<n_sv>), FOLDS ("0"), MODES ("learned fixed off"), SEEDS (unset: the config's seed,
-# run folders without a seed suffix; else each arm once per seed, in folders ending _seed<k>), ARMS (every
-# FOLDS x MODES pair as fold:mode, or fold:mode:seed triples), LOG_DIR (runs/ablation), PARALLEL (1: arms
-# one after another with all cores; N: N lanes of arms side by side, lane k pinned to core k with nproc/N
-# threads; THREADS overrides the thread count), RAW_TOO (1: also score the raw weights of runs that keep averaged ones), PYTHON (python).
+# folder's supervoxels_<n_sv>), FOLDS ("0"), MODES ("learned fixed off"), METHODS (unset: the arms are MODES;
+# else the arms, each dmap:<mode>, dmap (= dmap:learned), a DMAP mode or adnet|qnet|alpnet), SEEDS (unset:
+# the config's seed, run folders without a seed suffix; else each arm once per seed, in folders ending
+# _seed<k>), ARMS (every FOLDS x arms pair as fold:arm, or fold:arm:seed triples; arm as in METHODS but
+# without the dmap: prefix), LOG_DIR (runs/ablation), PARALLEL (1: arms one after another with all cores;
+# N: N lanes of arms side by side, lane k pinned to core k with nproc/N threads; THREADS overrides the
+# thread count), RAW_TOO (1: also score the raw weights of runs that keep averaged ones), DRY_RUN (1: print
+# each arm's training and evaluation command, run nothing, write no report), PYTHON (python).
+# Run folders are named by config.experiment_name: ..._fold<f>_<mode> for DMAP, ..._fold<f>_<method> else.
 # Finished arms are not retrained (resume=True) and evaluated snapshots are not re-evaluated, so the script
 # can be re-run after an interruption.
 set -euo pipefail
@@ -25,46 +37,98 @@ SETTING=${SETTING:-1}
 DATA_ROOT=${DATA_ROOT:-data}
 FOLDS=${FOLDS:-0}
 MODES=${MODES:-"learned fixed off"}
+METHODS=${METHODS:-}
 LOG_DIR=${LOG_DIR:-runs/ablation}
 PARALLEL=${PARALLEL:-1}
 PYTHON=${PYTHON:-python}
+DRY_RUN=${DRY_RUN:-0}
+DMAP_MODES="learned learned_st fixed off"
+OTHER_METHODS="adnet qnet alpnet"
+
+arm_name() {  # a METHODS / MODES word -> the arm's name (a DMAP mode or a method); exit 2 on an unknown word
+  local word=$1
+  case "$word" in
+    dmap) echo learned; return ;;
+    dmap:*) word=${word#dmap:} ;;
+  esac
+  for known in $DMAP_MODES $OTHER_METHODS; do
+    if [ "$word" = "$known" ]; then echo "$word"; return; fi
+  done
+  echo "ablation.sh: unknown arm '$1'; expected a DMAP mode ($DMAP_MODES), dmap:<mode> or a method" \
+       "($OTHER_METHODS)" >&2
+  exit 2
+}
+
+is_method() { case " $OTHER_METHODS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+given_method=""  # model.method among the arguments: the arms sweep that method's dmap_mode
+for word in "$@"; do case "$word" in model.method=*) given_method=$word ;; esac; done
+
+arm_overrides() {  # arm -> the model overrides that select it
+  if is_method "$1"; then echo "model.method=$1"
+  elif [ -n "$given_method" ]; then echo "model.dmap_mode=$1"
+  else echo "model.method=dmap model.dmap_mode=$1"
+  fi
+}
+
 if [ -z "${ARMS:-}" ]; then
+  names=""
+  for word in ${METHODS:-$MODES}; do names="$names $(arm_name "$word")"; done
   ARMS=""
-  for seed in ${SEEDS:--}; do for fold in $FOLDS; do for mode in $MODES; do
-    if [ "$seed" = "-" ]; then ARMS="$ARMS $fold:$mode"; else ARMS="$ARMS $fold:$mode:$seed"; fi
+  for seed in ${SEEDS:--}; do for fold in $FOLDS; do for arm in $names; do
+    if [ "$seed" = "-" ]; then ARMS="$ARMS $fold:$arm"; else ARMS="$ARMS $fold:$arm:$seed"; fi
   done; done; done
 fi
 read -r -a arms <<< "$ARMS"
+for entry in "${arms[@]}"; do  # refuse a misspelt arm, or a method given twice, before anything starts
+  IFS=: read -r fold arm seed <<< "$entry"
+  checked=$(arm_name "$arm")
+  [ "$checked" = "$arm" ] || { echo "ablation.sh: arm '$entry': write the arm as $checked" >&2; exit 2; }
+  if [ -n "$given_method" ] && { is_method "$arm" || [ -n "$METHODS" ]; }; then
+    echo "ablation.sh: $given_method among the arguments and the method arms of METHODS/ARMS: name the" \
+         "methods in one place" >&2
+    exit 2
+  fi
+done
 cores=$(nproc)
 threads=${THREADS:-$(( cores / PARALLEL > 0 ? cores / PARALLEL : 1 ))}
 common=(dataset="$DATASET" setting="$SETTING" data_root="$DATA_ROOT" path.log_dir="$LOG_DIR" num_threads="$threads")
 if [ -n "${SV_DIR:-}" ]; then common+=(supervoxel_dir="$SV_DIR"); fi
 
-run_arm() {  # fold mode seed(- for the config's) log_prefix; then named configs / overrides
-  local fold=$1 mode=$2 seed=$3 log=$4; shift 4
-  local pin=() arm=(eval_fold="$fold" model.dmap_mode="$mode") eval_opts=()
+run_arm() {  # fold arm seed(- for the config's) log_prefix; then named configs / overrides
+  local fold=$1 arm_word=$2 seed=$3 log=$4; shift 4
+  local pin=() arm=(eval_fold="$fold") eval_opts=()
+  read -r -a selection <<< "$(arm_overrides "$arm_word")"
+  arm+=("${selection[@]}")
   if [ "$PARALLEL" -gt 1 ] && command -v taskset >/dev/null; then pin=(taskset -c "$PIN_CORE"); fi
-  local name="${DATASET}_setting${SETTING}_fold${fold}_${mode}"
+  local name="${DATASET}_setting${SETTING}_fold${fold}_${arm_word}"
   if [ "$seed" != "-" ]; then arm+=(seed="$seed" tag="seed$seed"); name="${name}_seed$seed"; fi
   if [ "${RAW_TOO:-0}" = 1 ]; then eval_opts+=(--raw-too); fi
+  local train=("$PYTHON" training.py with "$@" "${common[@]}" "${arm[@]}" resume=True)
+  local evaluate=("$PYTHON" script/evaluate_snapshots.py "${eval_opts[@]}" -- "$@" "${common[@]}" "${arm[@]}")
+  if [ "$DRY_RUN" = 1 ]; then  # one write per arm, so that parallel lanes do not interleave lines
+    local t e
+    t=$(printf '%q ' "${pin[@]}" "${train[@]}") e=$(printf '%q ' "${pin[@]}" "${evaluate[@]}")
+    printf '== %s\ntrain: %s\nevaluate: %s\n' "$name" "${t% }" "${e% }"
+    return
+  fi
   echo "== $name: training (log $log.train.log)"
-  "${pin[@]}" "$PYTHON" training.py with "$@" "${common[@]}" "${arm[@]}" resume=True > "$log.train.log" 2>&1
+  "${pin[@]}" "${train[@]}" > "$log.train.log" 2>&1
   echo "== $name: evaluating the final weights and every snapshot"
-  "${pin[@]}" "$PYTHON" script/evaluate_snapshots.py "${eval_opts[@]}" -- "$@" "${common[@]}" "${arm[@]}" \
-    > "$log.test.log" 2>&1
+  "${pin[@]}" "${evaluate[@]}" > "$log.test.log" 2>&1
 }
 
-mkdir -p "$LOG_DIR/logs"
+[ "$DRY_RUN" = 1 ] || mkdir -p "$LOG_DIR/logs"
 start=$(date +%s)
 pids=()
 for (( lane = 0; lane < PARALLEL; lane++ )); do
   (
     export PIN_CORE=$(( lane % cores ))
     for (( i = lane; i < ${#arms[@]}; i += PARALLEL )); do
-      IFS=: read -r fold mode seed <<< "${arms[$i]}"
+      IFS=: read -r fold arm seed <<< "${arms[$i]}"
       seed=${seed:--}
       suffix=$([ "$seed" = "-" ] && echo "" || echo "_seed$seed")
-      run_arm "$fold" "$mode" "$seed" "$LOG_DIR/logs/fold${fold}_${mode}${suffix}" "$@"
+      run_arm "$fold" "$arm" "$seed" "$LOG_DIR/logs/fold${fold}_${arm}${suffix}" "$@"
     done
   ) &
   pids+=($!)
@@ -72,5 +136,6 @@ done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 [ "$status" -eq 0 ] || { echo "an arm failed: see $LOG_DIR/logs/*.log" >&2; exit 1; }
+[ "$DRY_RUN" = 1 ] && exit 0
 "$PYTHON" script/ablation_report.py "$LOG_DIR"
 echo "ablation finished in $(( $(date +%s) - start )) s; table and pictures in $LOG_DIR"

@@ -1,22 +1,30 @@
-"""Table and pictures of a de-biasing ablation (``script/ablation.sh``).
+"""Table and pictures of an ablation or a comparison of methods (``script/ablation.sh``).
 
     python script/ablation_report.py runs/ablation
 
-Reads every ``<dataset>_setting<s>_fold<f>_<mode>[_<recipe>][_seed<k>]`` run below the folder (the folder
+Reads every ``<dataset>_setting<s>_fold<f>_<arm>[_<recipe>][_seed<k>]`` run below the folder (the folder
 names of ``config.experiment_name``): ``results/results.json`` (the final weights),
-``snapshot_results/step_<n>/results.json`` and the Sacred ``train/*/metrics.json``. The arm and the seed
-come from the training config that ``results.json`` records (``provenance.training_config``), else from the
-folder's name.
+``snapshot_results/step_<n>/results.json`` and the Sacred ``train/*/metrics.json`` and ``train/*/run.json``.
+
+An arm is named by its DMAP mode for ``model.method=dmap`` (``learned``, ``learned_st``, ``fixed``, ``off``;
+``off`` is plain masked average pooling) and by the method for any other (``adnet``, ``qnet``, ``alpnet``),
+as the run folders are named; a method whose pooling is switched to ``dmap`` is ``<method>-<mode>``
+(``adnet-learned``). The arm and the seed come from the training config that ``results.json``
+records (``provenance.training_config``: ``model.method``, ``model.dmap_mode``, ``seed``), else from the
+folder's name. The arms of one folder are assumed to share the recipe otherwise (``script/ablation.sh``).
 Writes into the folder:
 
 - ``ablation.md`` / ``ablation.csv``: Dice per organ and the mean for every (fold, arm, seed), the
   copy-the-support baseline of the same evaluation, and, over several folds, the mean over folds of each
   arm (only folds that every listed arm has);
 - ``summary.md``: per arm the mean +- standard deviation over its runs (folds x seeds) of every organ's
-  Dice and the mean, with the copy-the-support baseline; for each pair of arms the paired difference of
-  the mean Dice (runs matched on fold and seed) with a 95 % bootstrap interval and the number of pairs;
-- ``curves_fold<f>.png``: loss (moving average), threshold xi and kept fraction of support pixels against
-  step, one line per arm;
+  Dice and the mean, the model's trainable parameters (built on the CPU from the recorded training config,
+  no data needed) and the training wall time (start to stop of the Sacred training runs, summed over a
+  run's resumptions; mean +- std over the runs), with the copy-the-support baseline; for each pair of arms
+  the paired difference of the mean Dice (runs matched on fold and seed) with a 95 % bootstrap interval and
+  the number of pairs;
+- ``curves_fold<f>.png``: training loss (moving average), threshold xi and kept fraction of support pixels
+  (arms that de-bias only) and predicted foreground fraction against step, one line per arm;
 - ``dice_vs_step.png``: mean Dice of the snapshots and final weights against step, one line per (fold, arm).
 """
 from __future__ import annotations
@@ -26,19 +34,28 @@ import csv
 import json
 import re
 import sys
+import warnings
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
-# config.experiment_name: the recipe (named configs and digest) and the tag may follow the mode
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODES = ("learned", "learned_st", "fixed", "off")  # DMAP's arms: model.dmap_mode
+METHOD_ARMS = ("adnet", "qnet", "alpnet")  # the other methods' arms: model.method
+ARMS = (*MODES, *METHOD_ARMS)  # the order of arms in tables and pictures
+# config.experiment_name: the recipe (named configs and digest) and the tag may follow the arm
 RUN_PATTERN = re.compile(r"^(?P<dataset>\w+?)_setting(?P<setting>\d)_fold(?P<fold>\d+)_"
-                         r"(?P<mode>learned_st|learned|fixed|off)(?P<rest>_.+)?$")
+                         rf"(?P<mode>{'|'.join(sorted(ARMS, key=len, reverse=True))})(?P<rest>_.+)?$")
 SEED_TAG = re.compile(r"_seed(?P<seed>\d+)$")
-MODES = ("learned", "learned_st", "fixed", "off")
-CURVES = (("loss", "focal loss (moving average of 10 logs)"), ("xi", "threshold xi (learned, fixed)"),
+DEBIASED_CURVES = ("xi", "kept_fraction")  # logged as -1 and 1 by arms without de-biasing: not drawn for them
+CURVES = (("loss", "training loss (moving average of 10 logs)"), ("xi", "threshold xi (de-biasing arms)"),
           ("kept_fraction", "kept fraction of support pixels (moving average)"),
           ("pred_fg_fraction", "predicted foreground fraction of the query (moving average)"))
+COLOURS = {"learned": "tab:blue", "learned_st": "tab:purple", "fixed": "tab:orange", "off": "tab:green",
+           "adnet": "tab:red", "qnet": "tab:brown", "alpnet": "tab:pink"}
 LAST_N = 3  # the table also gives the mean Dice of the last LAST_N evaluated checkpoints: one snapshot is noisy
 CI_LEVEL = 0.95
 BOOTSTRAP_RESAMPLES = 10000
@@ -64,8 +81,81 @@ def train_metrics(run: Path) -> dict[str, tuple[list[int], list[float]]]:
     return {name: (sorted(v), [v[s] for s in sorted(v)]) for name, v in merged.items()}
 
 
-def collect(root: Path) -> list[dict]:
-    """One record per evaluated run: fold, mode, per-class and mean Dice of the model and the baseline."""
+def arm_order(arm: str) -> tuple[int, str]:
+    """Sort key of an arm: the order of :data:`ARMS`, then any other name alphabetically."""
+    return (ARMS.index(arm), "") if arm in ARMS else (len(ARMS), arm)
+
+
+def arms_of(records: list[dict]) -> list[str]:
+    """The arms the records have, in :func:`arm_order`."""
+    return sorted({r["mode"] for r in records}, key=arm_order)
+
+
+def arm_name(model: Mapping[str, Any], fallback: str | None = None) -> str | None:
+    """The arm of a ``model`` config sub-dict: its ``dmap_mode`` for the DMAP method (a config without
+    ``method`` is DMAP), else its ``method`` -- ``<method>-<dmap_mode>`` when that method's pooling is switched
+    to ``dmap`` (the mode then matters); ``fallback`` for a DMAP config without ``dmap_mode``."""
+    method = model.get("method") or "dmap"
+    mode = model.get("dmap_mode")
+    if method != "dmap":
+        return f"{method}-{mode or 'learned'}" if model.get("pooling") == "dmap" else str(method)
+    return fallback if mode is None else str(mode)
+
+
+def debiases(model: Mapping[str, Any] | None, arm: str) -> bool:
+    """Whether a run de-biases its prototype (logs a real threshold xi and kept fraction): ``dmap`` pooling
+    (the DMAP method's, or a component switched to it) outside mode ``off``; from the arm without a config."""
+    if not isinstance(model, Mapping):
+        return arm in MODES and arm != "off"
+    pooling = model.get("pooling") or ("dmap" if (model.get("method") or "dmap") == "dmap" else None)
+    return pooling == "dmap" and model.get("dmap_mode", "learned") != "off"
+
+
+_PARAMETER_CACHE: dict[str, int | None] = {}
+
+
+def model_parameters(model: Mapping[str, Any]) -> int | None:
+    """Trainable parameters of the model a ``model`` config sub-dict describes (None: no model).
+
+    The model is built on the CPU with random weights (``weights_path`` ignored: no file or data is read)
+    by ``FewShotSeg.from_config``, as training builds it; the count leaves frozen parts out
+    (``models.fewshot.trainable_parameter_count``). Built once per distinct config.
+    """
+    key = json.dumps(model, sort_keys=True, default=str)
+    if key not in _PARAMETER_CACHE:
+        if str(REPO_ROOT) not in sys.path:
+            sys.path.insert(0, str(REPO_ROOT))
+        try:
+            from models.fewshot import FewShotSeg, trainable_parameter_count
+
+            with warnings.catch_warnings():  # "randomly initialised": on purpose here
+                warnings.simplefilter("ignore")
+                _PARAMETER_CACHE[key] = trainable_parameter_count(FewShotSeg.from_config(dict(model, weights_path="")))
+        except (ImportError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            print(f"warning: no parameter count for model config {key[:200]}: {exc}", file=sys.stderr)
+            _PARAMETER_CACHE[key] = None
+    return _PARAMETER_CACHE[key]
+
+
+def training_minutes(run: Path) -> float | None:
+    """Training wall time of ``run`` in minutes: stop (or last heartbeat) minus start of each Sacred
+    ``train/*/run.json``, summed over the run's resumptions; None without a readable one."""
+    total, found = 0.0, False
+    for path in run.glob("train/*/run.json"):
+        try:
+            info = read_json(path)
+            end = info.get("stop_time") or info.get("heartbeat")
+            seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(info["start_time"])).total_seconds()
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        total, found = total + max(seconds, 0.0), True
+    return total / 60.0 if found else None
+
+
+def collect(root: Path, parameters: bool = True) -> list[dict]:
+    """One record per evaluated run: fold, arm (key ``mode``: a DMAP mode or a method), seed, per-class and
+    mean Dice of the model and the baseline, trainable parameters (``parameters``: build the model) and
+    training minutes."""
     records = []
     for run in sorted(p for p in root.iterdir() if p.is_dir()):
         match = RUN_PATTERN.match(run.name)
@@ -78,6 +168,8 @@ def collect(root: Path) -> list[dict]:
         raw_final = run / "results_raw" / "results.json"
         raw_snapshots = snapshot_curve(run, "_raw", read_json(raw_final) if raw_final.is_file() else None, last)
         mode, seed = run_arm_and_seed(summary, match)
+        trained = summary.get("provenance", {}).get("training_config")
+        model = trained.get("model") if isinstance(trained, dict) and isinstance(trained.get("model"), dict) else None
         records.append({
             "run": run, "dataset": match["dataset"], "setting": int(match["setting"]),
             "fold": int(match["fold"]), "mode": mode, "classes": list(summary["classes"]), "seed": seed,
@@ -88,6 +180,10 @@ def collect(root: Path) -> list[dict]:
             "support_id": summary["supports"][0]["support_id"], "snapshots": sorted(snapshots), "step": last,
             "raw_snapshots": sorted(raw_snapshots), "weights": summary.get("weights", "raw"),
             "last_mean": last_n_mean(sorted(snapshots)),
+            "method": (model.get("method") or "dmap") if model else ("dmap" if mode in MODES else mode),
+            "debiased": debiases(model, mode),
+            "params": model_parameters(model) if parameters and model else None,
+            "train_min": training_minutes(run),
         })
     return records
 
@@ -103,13 +199,13 @@ def snapshot_curve(run: Path, suffix: str, final: dict | None, last: int | None)
 
 
 def run_arm_and_seed(summary: dict, match: re.Match) -> tuple[str, int | None]:
-    """The arm (``model.dmap_mode``) and the seed of a run: from the training config its results record,
+    """The arm (:func:`arm_name`) and the seed of a run: from the training config its results record,
     else from the folder name (the seed only when the folder ends with ``_seed<k>``, as the sweep names it)."""
     trained = summary.get("provenance", {}).get("training_config")
     tagged = SEED_TAG.search(match["rest"] or "")
     if isinstance(trained, dict) and isinstance(trained.get("model"), dict):
         seed = trained.get("seed") if tagged or trained.get("tag") else None
-        return str(trained["model"].get("dmap_mode", match["mode"])), None if seed is None else int(seed)
+        return arm_name(trained["model"], match["mode"]), None if seed is None else int(seed)
     return match["mode"], None if tagged is None else int(tagged["seed"])
 
 
@@ -135,7 +231,7 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list]]:
     pad = [""] if seeded else []
     for fold in sorted(by_fold):
         arms = by_fold[fold]
-        for r in sorted(runs_by_fold[fold], key=lambda r: (MODES.index(r["mode"]), r["seed"] or 0)):
+        for r in sorted(runs_by_fold[fold], key=lambda r: (arm_order(r["mode"]), r["seed"] or 0)):
             last = "" if r["last_mean"] is None else r["last_mean"]
             seed = [("" if r["seed"] is None else r["seed"])] if seeded else []
             rows.append([fold, r["mode"], *seed, r["step"], *(r["model"][c] for c in classes), r["mean"], last,
@@ -144,12 +240,13 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list]]:
         rows.append([fold, "copy-the-support", *pad, "", *(base["copy"][c] for c in classes), base["copy_mean"], "", "",
                      ""])
     if len(by_fold) > 1 and not seeded:  # seeded sweeps: summary.md gives the means over folds and seeds
-        for mode in (*MODES, "copy-the-support"):
+        arms = arms_of(records)
+        for mode in (*arms, "copy-the-support"):
             folds = [f for f in sorted(by_fold) if (mode in by_fold[f] if mode != "copy-the-support" else True)]
             if len(folds) < 2:
                 continue
-            picked = [by_fold[f][mode] if mode in MODES else next(iter(by_fold[f].values())) for f in folds]
-            key, mean_key = ("model", "mean") if mode in MODES else ("copy", "copy_mean")
+            picked = [by_fold[f][mode] if mode in arms else next(iter(by_fold[f].values())) for f in folds]
+            key, mean_key = ("model", "mean") if mode in arms else ("copy", "copy_mean")
             rows.append([f"mean of {len(folds)} folds ({' '.join(map(str, folds))})", mode, *pad, "",
                          *(float(np.mean([p[key][c] for p in picked])) for c in classes),
                          float(np.mean([p[mean_key] for p in picked])), "", "", ""])
@@ -163,24 +260,28 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def arm_summary(records: list[dict]) -> list[dict]:
-    """Per arm: mean +- std over its runs (folds x seeds) of each organ's Dice and of the mean Dice.
+    """Per arm: mean +- std over its runs (folds x seeds) of each organ's Dice and of the mean Dice, the
+    trainable parameters (``params``: the distinct counts of its runs) and the training minutes
+    (``train_min``: mean +- std over the runs that have them, None when none has).
 
     The copy-the-support baseline does not depend on the arm or the seed, so it is averaged over the folds
     (one value per fold).
     """
     classes = records[0]["classes"]
     out = []
-    for mode in MODES:
+    for mode in arms_of(records):
         runs = [r for r in records if r["mode"] == mode]
-        if runs:
-            out.append({"arm": mode, "n": len(runs), "folds": sorted({r["fold"] for r in runs}),
-                        "seeds": sorted({r["seed"] for r in runs if r["seed"] is not None}),
-                        "classes": {c: mean_std([r["model"][c] for r in runs]) for c in classes},
-                        "mean": mean_std([r["mean"] for r in runs])})
+        minutes = [r["train_min"] for r in runs if r.get("train_min") is not None]
+        out.append({"arm": mode, "n": len(runs), "folds": sorted({r["fold"] for r in runs}),
+                    "seeds": sorted({r["seed"] for r in runs if r["seed"] is not None}),
+                    "classes": {c: mean_std([r["model"][c] for r in runs]) for c in classes},
+                    "mean": mean_std([r["mean"] for r in runs]),
+                    "params": sorted({r["params"] for r in runs if r.get("params") is not None}),
+                    "train_min": mean_std(minutes) if minutes else None})
     per_fold = {r["fold"]: r for r in records}
     out.append({"arm": "copy-the-support", "n": len(per_fold), "folds": sorted(per_fold), "seeds": [],
                 "classes": {c: mean_std([r["copy"][c] for r in per_fold.values()]) for c in classes},
-                "mean": mean_std([r["copy_mean"] for r in per_fold.values()])})
+                "mean": mean_std([r["copy_mean"] for r in per_fold.values()]), "params": [], "train_min": None})
     return out
 
 
@@ -216,14 +317,17 @@ def paired_differences(records: list[dict], arm_a: str, arm_b: str) -> dict | No
 def summary_markdown(records: list[dict]) -> str:
     """``summary.md``: the per-arm table and the paired differences of every pair of arms."""
     classes = records[0]["classes"]
-    lines = ["| arm | runs | folds | seeds | " + " | ".join(classes) + " | mean |",
-             "|" + "---|" * (len(classes) + 5)]
+    lines = ["| arm | runs | folds | seeds | " + " | ".join(classes) + " | mean | params (M) | train time (min) |",
+             "|" + "---|" * (len(classes) + 7)]
     for row in arm_summary(records):
         cells = [f"{m:.3f} +- {sd:.3f}" for m, sd in (row["classes"][c] for c in classes)]
         m, sd = row["mean"]
+        params = " / ".join(f"{p / 1e6:.2f}" for p in row["params"]) or "-"
+        minutes = "-" if row["train_min"] is None else f"{row['train_min'][0]:.1f} +- {row['train_min'][1]:.1f}"
         lines.append(f"| {row['arm']} | {row['n']} | {' '.join(map(str, row['folds']))} | "
-                     f"{' '.join(map(str, row['seeds'])) or '-'} | " + " | ".join(cells) + f" | {m:.3f} +- {sd:.3f} |")
-    modes = [m for m in MODES if any(r["mode"] == m for r in records)]
+                     f"{' '.join(map(str, row['seeds'])) or '-'} | " + " | ".join(cells) + f" | {m:.3f} +- {sd:.3f} |"
+                     f" {params} | {minutes} |")
+    modes = arms_of(records)
     pairs = [paired_differences(records, a, b) for i, a in enumerate(modes) for b in modes[i + 1:]]
     pairs = [p for p in pairs if p is not None]
     if pairs:
@@ -266,7 +370,10 @@ def plot(records: list[dict], root: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    colours = {"learned": "tab:blue", "learned_st": "tab:purple", "fixed": "tab:orange", "off": "tab:green"}
+    spare = iter(["tab:olive", "tab:cyan", "tab:gray", "black"] * 8)
+    colours = dict(COLOURS)
+    for arm in arms_of(records):
+        colours.setdefault(arm, next(spare))
     for fold in sorted({r["fold"] for r in records}):
         fig, axes = plt.subplots(1, len(CURVES), figsize=(4.3 * len(CURVES), 3.4))
         for rec in (r for r in records if r["fold"] == fold):
@@ -274,8 +381,8 @@ def plot(records: list[dict], root: Path) -> list[Path]:
             for ax, (name, title) in zip(axes, CURVES):
                 if name not in metrics:
                     continue
-                if name == "xi" and rec["mode"] == "off":
-                    continue  # plain MAP logs the sentinel -1: no threshold
+                if name in DEBIASED_CURVES and not rec.get("debiased", True):
+                    continue  # no de-biasing: xi is the sentinel -1 and every support pixel is kept
                 steps, values = metrics[name]
                 if name != "xi":
                     values = moving_average(values)
@@ -295,9 +402,9 @@ def plot(records: list[dict], root: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     styles = ["-", "--", ":", "-."]
     for rec in records:
+        seed = "" if rec["seed"] is None else f" seed {rec['seed']}"
         if rec["snapshots"]:
             steps, dice = zip(*rec["snapshots"])
-            seed = "" if rec["seed"] is None else f" seed {rec['seed']}"
             averaged = " (averaged weights)" if rec["weights"] == "averaged" else ""
             ax.plot(steps, dice, marker="o", ms=3, color=colours[rec["mode"]], ls=styles[rec["fold"] % len(styles)],
                     label=f"fold {rec['fold']} {rec['mode']}{seed}{averaged}")
@@ -330,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     records = collect(args.root)
     if not records:
-        print(f"error: no evaluated run (<dataset>_setting<s>_fold<f>_<mode>/results/results.json) in {args.root}",
+        print(f"error: no evaluated run (<dataset>_setting<s>_fold<f>_<arm>/results/results.json) in {args.root}",
               file=sys.stderr)
         return 2
     header, rows = table_rows(records)

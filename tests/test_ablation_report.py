@@ -186,3 +186,198 @@ def test_seeded_run_folders_are_read_with_their_seed(tmp_path):
     header, rows = report.table_rows(records)
     assert header[:4] == ["fold", "arm", "seed", "steps"]
     assert rows[0][:4] == [0, "learned", 1, 300] and rows[1][:4] == [0, "learned_st", 2, 300]
+
+
+# ----------------------------------------------------------------------------- methods as arms
+def write_method_run(root: Path, folder_arm: str, fold: int, seed: int, mean: float, model: dict | None,
+                     minutes: tuple = (), scalars: tuple = ("loss", "xi", "kept_fraction")) -> Path:
+    """A run folder as ablation.sh names it (cpu recipe, seeded): results with provenance (None: none),
+    one Sacred training run per entry of ``minutes`` (a resumed run has several), metrics ``scalars``."""
+    run = root / f"CHAOST2_setting1_fold{fold}_{folder_arm}_cpu-68cf282b_seed{seed}"
+    summary = {"classes": {"liver": {"model": {"dice": mean, "precision": 0.0, "recall": 0.0},
+                                     "copy_support": {"dice": 0.3}}},
+               "supports": [{"support_id": 3}],
+               "mean": {"model": {"dice": mean, "precision": 0.5, "recall": 0.5}, "copy_support": {"dice": 0.3}}}
+    if model is not None:
+        summary["provenance"] = {"training_config": {"seed": seed, "tag": f"seed{seed}", "model": model}}
+    (run / "results").mkdir(parents=True)
+    (run / "results" / "results.json").write_text(json.dumps(summary))
+    steps = [10, 20, 30]
+    for i, length in enumerate(minutes or (None,), start=1):
+        (run / "train" / str(i)).mkdir(parents=True)
+        metrics = {name: {"steps": steps, "values": [0.5] * 3} for name in scalars} if i == 1 else {}
+        (run / "train" / str(i) / "metrics.json").write_text(json.dumps(metrics))
+        if length is not None:  # the last of a resumed run may still be running: its heartbeat counts
+            end = "stop_time" if i < len(minutes) else "heartbeat"
+            start = f"2026-01-0{i}T10:00:00.000000"
+            stop = f"2026-01-0{i}T{10 + int(length) // 60:02d}:{int(length) % 60:02d}:30.000000"
+            (run / "train" / str(i) / "run.json").write_text(json.dumps({"start_time": start, end: stop}))
+    return run
+
+
+DMAP_LEARNED = {"method": "dmap", "dmap_mode": "learned", "pooling": "dmap", "backbone": "resnet18"}
+ADNET = {"method": "adnet", "dmap_mode": "learned", "pooling": "map", "backbone": "resnet18"}
+
+
+@pytest.fixture()
+def two_methods(tmp_path):
+    means = {("learned", 0, 1): 0.60, ("learned", 0, 2): 0.50, ("learned", 1, 1): 0.70, ("learned", 1, 2): 0.40,
+             ("adnet", 0, 1): 0.55, ("adnet", 0, 2): 0.45, ("adnet", 1, 1): 0.50, ("adnet", 1, 2): 0.30}
+    for (arm, fold, seed), mean in means.items():
+        model = DMAP_LEARNED if arm == "learned" else ADNET
+        scalars = ("loss", "xi", "kept_fraction") if arm == "learned" else ("loss", "align_loss", "threshold")
+        write_method_run(tmp_path, arm, fold, seed, mean, model, minutes=(10, 5) if arm == "adnet" else (20,),
+                         scalars=scalars)
+    return tmp_path, means
+
+
+def fake_parameters(model):
+    return 1_500_000 if model["method"] == "adnet" else 2_250_000
+
+
+def test_two_methods_give_one_arm_each_with_paired_differences_params_and_time(two_methods, monkeypatch):
+    report = load_report()
+    root, means = two_methods
+    monkeypatch.setattr(report, "model_parameters", fake_parameters)
+    records = report.collect(root)
+    assert sorted({(r["mode"], r["method"]) for r in records}) == [("adnet", "adnet"), ("learned", "dmap")]
+    assert {r["mode"]: r["debiased"] for r in records} == {"learned": True, "adnet": False}
+    rows = {r["arm"]: r for r in report.arm_summary(records)}
+    assert list(rows) == ["learned", "adnet", "copy-the-support"]  # DMAP modes first, then the methods
+    assert rows["adnet"]["n"] == 4 and rows["adnet"]["folds"] == [0, 1] and rows["adnet"]["seeds"] == [1, 2]
+    assert rows["adnet"]["mean"][0] == pytest.approx((0.55 + 0.45 + 0.50 + 0.30) / 4)
+    assert rows["adnet"]["params"] == [1_500_000]
+    # 10.5 + 5.5 minutes over a resumed run's two Sacred runs (stop_time, then the last heartbeat)
+    assert rows["adnet"]["train_min"] == pytest.approx((16.0, 0.0))
+    assert rows["learned"]["train_min"] == pytest.approx((20.5, 0.0))
+    pair = report.paired_differences(records, "learned", "adnet")
+    assert pair["n"] == 4 and [(f, s) for f, s, _ in pair["pairs"]] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert pair["mean"] == pytest.approx(sum(means[("learned", f, s)] - means[("adnet", f, s)]
+                                             for f in (0, 1) for s in (1, 2)) / 4)
+    text = report.summary_markdown(records)
+    assert "| mean | params (M) | train time (min) |" in text
+    assert "| adnet | 4 | 0 1 | 1 2 | 0.450 +- 0.108 | 0.450 +- 0.108 | 1.50 | 16.0 +- 0.0 |" in text
+    assert "| learned | 4 | 0 1 | 1 2 |" in text and "| 2.25 | 20.5 +- 0.0 |" in text
+    assert "| learned - adnet | +0.100 |" in text and text.count("| 4 |\n") == 1  # one pair of arms, 4 pairs
+    assert "| copy-the-support | 2 | 0 1 | - | 0.300 +- 0.000 | 0.300 +- 0.000 | - | - |" in text
+    header, table = report.table_rows(records)
+    assert [row[1] for row in table if row[0] == 0] == ["learned", "learned", "adnet", "adnet", "copy-the-support"]
+
+
+def test_methods_without_de_biasing_scalars_are_plotted(two_methods, monkeypatch):
+    report = load_report()
+    root, _ = two_methods
+    monkeypatch.setattr(report, "model_parameters", fake_parameters)
+    assert report.main([str(root)]) == 0
+    for name in ("curves_fold0.png", "curves_fold1.png", "dice_vs_step.png"):
+        assert (root / name).read_bytes()[:4] == b"\x89PNG"
+    assert "| adnet |" in (root / "summary.md").read_text()
+
+
+def test_the_arm_comes_from_the_recorded_method_else_from_the_folder(tmp_path):
+    report = load_report()
+    assert report.arm_name({"method": "qnet", "dmap_mode": "learned"}) == "qnet"
+    assert report.arm_name({"method": "dmap", "dmap_mode": "learned_st"}) == "learned_st"
+    assert report.arm_name({"dmap_mode": "off"}) == "off"  # a config without method: DMAP
+    # a method de-biased by DMAP's pooling: the mode matters, so the arm names it
+    assert report.arm_name({"method": "adnet", "pooling": "dmap", "dmap_mode": "fixed"}) == "adnet-fixed"
+    assert report.debiases({"method": "adnet", "pooling": "dmap", "dmap_mode": "fixed"}, "adnet")
+    # the training config decides over the folder's name
+    write_method_run(tmp_path, "learned", 0, 1, 0.5, {"method": "alpnet", "dmap_mode": "learned"})
+    write_method_run(tmp_path, "qnet", 1, 2, 0.4, None)  # no provenance: the folder's name
+    write_method_run(tmp_path, "off", 2, 3, 0.3, None)
+    records = sorted(report.collect(tmp_path, parameters=False), key=lambda r: r["fold"])
+    assert [(r["mode"], r["seed"], r["method"], r["debiased"]) for r in records] == [
+        ("alpnet", 1, "alpnet", False), ("qnet", 2, "qnet", False), ("off", 3, "dmap", False)]
+    assert [r["params"] for r in records] == [None, None, None]
+    assert [r["train_min"] for r in records] == [None, None, None]  # no run.json
+
+
+def test_trainable_parameter_count_leaves_frozen_parts_out():
+    import torch.nn as nn
+
+    from models.fewshot import trainable_parameter_count
+
+    tiny = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))  # 8 + 3 values
+    assert trainable_parameter_count(tiny) == 11
+    tiny[1].requires_grad_(False)
+    assert trainable_parameter_count(tiny) == 8
+
+
+@pytest.mark.slow
+def test_parameters_are_counted_on_the_model_the_training_config_describes():
+    import warnings
+
+    from config import build_config, resolve_config
+    from models.fewshot import FewShotSeg
+
+    report = load_report()
+
+    def model(**updates):
+        return resolve_config(build_config(["cpu"], {"model": updates}), need_data=False)["model"]
+
+    learned, off, adnet = (report.model_parameters(model(dmap_mode="learned")),
+                           report.model_parameters(model(dmap_mode="off")),
+                           report.model_parameters(dict(model(method="adnet"), weights_path="/no/such/file.pth")))
+    with warnings.catch_warnings():  # "randomly initialised": on purpose
+        warnings.simplefilter("ignore")
+        ltg = sum(p.numel() for p in FewShotSeg(backbone="resnet18").ltg.parameters())
+    assert learned - off == ltg > 0  # off mode freezes LTG
+    assert 0 < adnet < off  # ADNet: no tau head, layer4 frozen; the weights file is not read
+
+
+# ----------------------------------------------------------------------------- ablation.sh arms
+def dry_run(tmp_path, *words, **env):
+    import os
+    import subprocess
+
+    env = {**os.environ, "DRY_RUN": "1", "LOG_DIR": str(tmp_path / "sweep"), **env}
+    return subprocess.run(["bash", str(REPO / "script" / "ablation.sh"), *words], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_ablation_script_sweeps_methods_folds_and_seeds_in_a_dry_run(tmp_path):
+    done = dry_run(tmp_path, "cpu", METHODS="dmap:learned dmap:off adnet qnet alpnet", FOLDS="0 1 2", SEEDS="1 2 3")
+    assert done.returncode == 0, done.stderr
+    train = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("train: ")]
+    evaluate = [line for line in done.stdout.splitlines() if line.startswith("evaluate: ")]
+    assert len(train) == len(evaluate) == 5 * 3 * 3
+    assert train[0][:4] == ["python", "training.py", "with", "cpu"] and train[0][-1] == "resume=True"
+
+    def arm(words):
+        return tuple(w for w in words if w.startswith(("model.", "eval_fold=", "seed=", "tag=")))
+
+    arms = {arm(words) for words in train}
+    assert ("eval_fold=2", "model.method=adnet", "seed=3", "tag=seed3") in arms
+    assert ("eval_fold=0", "model.method=dmap", "model.dmap_mode=off", "seed=1", "tag=seed1") in arms
+    assert ("eval_fold=1", "model.method=qnet", "seed=2", "tag=seed2") in arms
+    assert ("eval_fold=1", "model.method=alpnet", "seed=2", "tag=seed2") in arms
+    assert len(arms) == 45 and not any("model.dmap_mode=learned" in a and "model.method=adnet" in a for a in arms)
+    assert "== CHAOST2_setting1_fold2_qnet_seed3" in done.stdout
+    assert "model.method=adnet" in evaluate[2] and evaluate[2].split()[1:4] == ["python", "script/evaluate_snapshots.py", "--"]
+    assert not (tmp_path / "sweep").exists()  # a dry run writes nothing
+
+
+def test_ablation_script_keeps_arms_and_modes_and_refuses_unknown_arms(tmp_path):
+    done = dry_run(tmp_path, ARMS="0:learned 1:adnet:4")
+    assert done.returncode == 0, done.stderr
+    train = [line for line in done.stdout.splitlines() if line.startswith("train: ")]
+    assert "eval_fold=0 model.method=dmap model.dmap_mode=learned resume=True" in train[0]
+    assert "eval_fold=1 model.method=adnet seed=4 tag=seed4 resume=True" in train[1]
+    modes = dry_run(tmp_path, MODES="fixed off", FOLDS="3")
+    assert [line.split("== ")[1] for line in modes.stdout.splitlines() if line.startswith("== ")] == [
+        "CHAOST2_setting1_fold3_fixed", "CHAOST2_setting1_fold3_off"]
+    for env in ({"METHODS": "dmap adnet panet"}, {"ARMS": "0:learned 0:dmap"}):
+        refused = dry_run(tmp_path, **env)
+        assert refused.returncode == 2 and "ablation.sh:" in refused.stderr and "train:" not in refused.stdout
+
+
+def test_a_method_among_the_arguments_sweeps_its_modes_and_excludes_method_arms(tmp_path):
+    done = dry_run(tmp_path, "cpu", "model.method=adnet", "model.pooling=dmap", MODES="learned off")
+    assert done.returncode == 0, done.stderr
+    train = [line for line in done.stdout.splitlines() if line.startswith("train: ")]
+    assert len(train) == 2 and all("model.method=dmap" not in line for line in train)
+    assert "model.method=adnet model.pooling=dmap" in train[0] and "model.dmap_mode=off resume=True" in train[1]
+    for env in ({"METHODS": "adnet"}, {"ARMS": "0:learned 0:qnet"}):
+        refused = dry_run(tmp_path, "cpu", "model.method=qnet", **env)
+        assert refused.returncode == 2 and "name the methods in one place" in refused.stderr

@@ -49,9 +49,23 @@ def test_the_non_training_list_is_explicit_and_every_other_key_counts():
     cfg = build_config()
     assert set(NON_TRAINING_KEYS) - set(cfg) <= {"run_dir", "snapshot_dir"}  # keys resolve_config adds
     # keys the defaults do not know yet (a new option, a new model key) are training-relevant at once
-    for extra in ({"ema_decay": 0.999}, {"model": dict(cfg["model"], method="adnet")}):
+    for extra in ({"ema_decay": 0.999}, {"model": dict(cfg["model"], future_key=1)}):
         assert experiment_name(dict(cfg, **extra)) != experiment_name(cfg)
         assert recipe_differences(dict(cfg, **extra))
+
+
+def test_a_method_names_its_folder_and_dmap_folders_keep_their_names():
+    assert name(model={"method": "dmap"}) == name() == "CHAOST2_setting1_fold0_learned"
+    assert name("cpu", model={"method": "dmap", "dmap_mode": "off"}) == name("cpu", model={"dmap_mode": "off"})
+    for method in ("adnet", "qnet", "alpnet"):
+        assert name(model={"method": method}) == f"CHAOST2_setting1_fold0_{method}"
+        assert name("cpu", model={"method": method}).startswith(f"CHAOST2_setting1_fold0_{method}_cpu-")
+    # the cpu recipe's own keys give one digest whatever the method (the word before it tells them apart)
+    assert name("cpu", model={"method": "adnet"}).split("_")[-1] == name("cpu").split("_")[-1]
+    # another method's dmap_mode is part of its recipe, so two modes never share a folder
+    assert name(model={"method": "adnet", "dmap_mode": "off"}).startswith("CHAOST2_setting1_fold0_adnet_")
+    assert name(model={"method": "adnet", "dmap_mode": "off"}) != name(model={"method": "adnet"})
+    assert name(model={"method": "adnet", "pooling": "dmap"}) != name(model={"method": "adnet"})
 
 
 def test_resolved_and_unresolved_configs_share_the_name(tmp_path):
