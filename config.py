@@ -364,12 +364,12 @@ DEFAULT_METHOD = "dmap"
 DIGEST_LENGTH = 8
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"model": {"alpha": 10}}`` -> ``{"model.alpha": 10}`` (an empty sub-dict stays a value)."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_keys(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -429,7 +429,7 @@ def training_view(cfg: Mapping[str, Any]) -> dict[str, Any]:
     Everything but :data:`NON_TRAINING_KEYS`; labels and ``n_sv`` as the registry resolves them,
     ``model.weights_path`` as :func:`weights_identity`, ``test_label`` only with ``use_gt``.
     """
-    flat = {key: _plain(value) for key, value in _flatten(_with_registry_values(cfg)).items()
+    flat = {key: _plain(value) for key, value in flatten_keys(_with_registry_values(cfg)).items()
             if key.split(".")[0] not in NON_TRAINING_KEYS}
     if not flat.get("use_gt"):
         flat.pop("test_label", None)
@@ -441,7 +441,7 @@ def training_view(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def _name_values(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The :data:`RUN_NAME_KEYS` a config's folder name spells out: ``model.dmap_mode`` only for the DMAP
     method (a config without ``model.method`` is DMAP)."""
-    view = _flatten(_with_registry_values(cfg))
+    view = flatten_keys(_with_registry_values(cfg))
     own = {key: view.get(key) for key in RUN_NAME_KEYS}
     own["model.method"] = own["model.method"] or DEFAULT_METHOD
     if own["model.method"] != DEFAULT_METHOD:
@@ -479,8 +479,8 @@ def _named_configs_of(cfg: Mapping[str, Any], differences: Mapping[str, Any]) ->
     own = _name_values(cfg)
     matches: dict[str, dict[str, Any]] = {}
     for name in NAMED_CONFIGS:
-        sets = _flatten(NAMED_CONFIGS[name])
-        named = _flatten(_with_registry_values(build_config([name])))
+        sets = flatten_keys(NAMED_CONFIGS[name])
+        named = flatten_keys(_with_registry_values(build_config([name])))
         if any(key in sets and not _same(named.get(key), value) for key, value in own.items()):
             continue
         placed = build_config([name], {key: value for key, value in own.items() if "." not in key})
@@ -577,8 +577,8 @@ def evaluation_model_config(cfg: Mapping[str, Any], trained: Mapping[str, Any],
         ConfigError: one line naming the key, the command line's value and the checkpoint's, or an
             ``eval_override`` key that is not a key of the checkpoint's model or ``image_size``.
     """
-    defaults = _flatten(default_config()["model"])
-    given = [f"model.{key}" for key, value in _flatten(cfg["model"]).items()
+    defaults = flatten_keys(default_config()["model"])
+    given = [f"model.{key}" for key, value in flatten_keys(cfg["model"]).items()
              if not _same(_plain(value), _plain(defaults.get(key)))]
     given += ["image_size"] if cfg.get("image_size") is not None else []
     own = training_view(cfg)
@@ -590,16 +590,16 @@ def evaluation_model_config(cfg: Mapping[str, Any], trained: Mapping[str, Any],
                           "evaluate the checkpoint as trained, or change them on purpose with eval_override "
                           "(e.g. eval_override.model.fixed_threshold=0.8)")
     model, image_size = copy.deepcopy(dict(trained["model"])), trained.get("image_size")
-    for key, value in _flatten(cfg.get("eval_override") or {}).items():
+    for key, value in flatten_keys(cfg.get("eval_override") or {}).items():
         if key == "image_size":
             _require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 32),
                      f"config key 'eval_override.image_size' is {value!r}; expected None or an integer >= 32")
             image_size = value
-        elif key.startswith("model.") and key[len("model."):] in _flatten(model):
+        elif key.startswith("model.") and key[len("model."):] in flatten_keys(model):
             _set_dotted(model, key[len("model."):], value)
         else:
             raise ConfigError(f"config key 'eval_override.{key}': an evaluation can change only image_size and "
-                              f"the keys of the checkpoint's model ({', '.join(sorted(_flatten(model)))})")
+                              f"the keys of the checkpoint's model ({', '.join(sorted(flatten_keys(model)))})")
     return model, image_size
 
 

@@ -173,17 +173,6 @@ def config_comments(source: str, name: str) -> dict[str, str]:
     raise ValueError(f"no function or dict named {name!r} in the source")
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"alpha": 10}}`` -> ``{"model.alpha": 10}``; an empty sub-dict stays a value."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def key_descriptions(source: str | None = None) -> list[tuple[str, Any, str]]:
     """``(dotted key, default, description)`` for every key of ``config.default_config()``, in source order.
 
@@ -192,7 +181,7 @@ def key_descriptions(source: str | None = None) -> list[tuple[str, Any, str]]:
     """
     source = CONFIG_SOURCE.read_text() if source is None else source
     comments = config_comments(source, "default_config")
-    defaults = flatten(config.default_config())
+    defaults = config.flatten_keys(config.default_config())
     groups = [key for key, text in comments.items() if text and key not in defaults]
     if groups:
         raise ValueError(f"config.py: the comment on the sub-dict key(s) {', '.join(groups)} is not shown in the "
@@ -212,7 +201,7 @@ def named_config_descriptions(source: str | None = None) -> dict[str, Any]:
     literal = [key for key in comments if "." not in key and key != UNPACKED]
     registry = {name: values for name, values in config.NAMED_CONFIGS.items() if name not in literal}
     named = [(name, comments[name], [(key, value, comments.get(f"{name}.{key}", ""))
-                                     for key, value in flatten(config.NAMED_CONFIGS[name]).items()])
+                                     for key, value in config.flatten_keys(config.NAMED_CONFIGS[name]).items()])
              for name in literal]
     return {"registry": (comments.get(UNPACKED, ""), registry), "named": named}
 
@@ -235,7 +224,7 @@ def _value(value: Any) -> str:
 
 
 def _flat_settings(values: Mapping[str, Any]) -> str:
-    return ", ".join(f"`{key}={_cell(repr(value))}`" for key, value in flatten(values).items())
+    return ", ".join(f"`{key}={_cell(repr(value))}`" for key, value in config.flatten_keys(values).items())
 
 
 def reference_markdown() -> str:

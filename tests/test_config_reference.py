@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from config import _flatten, default_config
+from config import flatten_keys, default_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_committed_reference_is_the_generated_text(reference, generated):
 
 def test_reference_names_exactly_the_config_keys(generated):
     documented = set(table_rows(generated, "## Keys"))
-    keys = set(_flatten(default_config()))
+    keys = set(flatten_keys(default_config()))
     assert sorted(keys - documented) == [], "keys of default_config() missing from the reference"
     assert sorted(documented - keys) == [], "keys in the reference that default_config() does not have"
 
@@ -62,7 +62,7 @@ def test_every_key_and_named_config_is_described(reference, generated):
 
 def test_defaults_are_shown_as_python_literals(reference):
     rows = {key: value for key, value, _ in reference.key_descriptions()}
-    assert rows == _flatten(default_config())
+    assert rows == flatten_keys(default_config())
     for key, value in rows.items():
         assert ast.literal_eval(repr(value)) == value, key
 
