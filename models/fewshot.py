@@ -168,15 +168,22 @@ class FewShotSeg(nn.Module):
 
     @property
     def dmap_mode(self) -> str:
-        """``learned``, ``fixed`` or ``off``; setting it (re)freezes the LTG parameters outside ``learned``."""
+        """A value of ``DMAP_MODES``; setting it (re)freezes the LTG parameters outside the learned modes.
+
+        A model whose ``ltg`` is registered as None (a method pooling without de-biasing) accepts ``off`` only.
+        """
         return self._dmap_mode
 
     @dmap_mode.setter
     def dmap_mode(self, mode: str) -> None:
         if mode not in DMAP_MODES:
             raise ValueError(f"dmap_mode must be one of {DMAP_MODES}, got {mode!r}")
+        ltg = self._modules.get("ltg")
+        if ltg is None and mode != "off" and "ltg" in self._modules:
+            raise ValueError(f"dmap_mode {mode!r} needs pooling 'dmap' (the threshold head); this model has none")
         self._dmap_mode = mode
-        self.ltg.requires_grad_(mode in LTG_MODES)
+        if ltg is not None:
+            ltg.requires_grad_(mode in LTG_MODES)
 
     # ------------------------------------------------------------------ input handling
     @staticmethod
@@ -212,10 +219,7 @@ class FewShotSeg(nn.Module):
             LTG output, ``fixed_threshold``, or -1 in ``off`` mode = keep everything);
             ``kept_fraction`` scalar: mean fraction of foreground support pixels kept (soft weight sum).
         """
-        s_img, masks, q_img, batched = self._episode_inputs(support_images, support_masks, query_images)
-        b, s = s_img.shape[:2]
-        q = q_img.shape[1]
-        images = torch.cat([s_img.reshape(b * s, *s_img.shape[2:]), q_img.reshape(b * q, *q_img.shape[2:])])
+        images, masks, b, s, q, batched = self._episode_inputs(support_images, support_masks, query_images)
         tau_start = 0 if (self.bn_with_support and self.training) else b * s
         enc = self.encoder(images, tau_start=tau_start)
         feats, hidden = enc["features"], enc["hidden"]
@@ -282,12 +286,12 @@ class FewShotSeg(nn.Module):
 
     # ------------------------------------------------------------------ internals
     def _episode_inputs(self, support_images: torch.Tensor, support_masks: torch.Tensor,
-                        query_images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        """Checked 5-D views of one episode's or a batch's inputs.
+                        query_images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int, int, int, bool]:
+        """Checked inputs of one episode or a batch, stacked for one encoder pass.
 
         Returns:
-            (support images [B, S, 3, H, W], support masks [B, S, H, W], query images [B, Q, 3, H, W],
-            whether the inputs were 5-D).
+            (images [B*S + B*Q, 3, H, W]: the supports, then the queries; support masks [B, S, H, W]; B; S;
+            Q; whether the inputs were 5-D).
         """
         s_img, batched = self._as_batched(support_images, "support_images")
         q_img, q_batched = self._as_batched(query_images, "query_images")
@@ -298,7 +302,9 @@ class FewShotSeg(nn.Module):
         if q_img.shape[0] != s_img.shape[0] or q_img.shape[-2:] != s_img.shape[-2:]:
             raise ValueError(f"query_images {tuple(query_images.shape)} do not match support_images "
                              f"{tuple(support_images.shape)}")
-        return s_img, masks, q_img, batched
+        b, s, q = s_img.shape[0], s_img.shape[1], q_img.shape[1]
+        images = torch.cat([s_img.reshape(b * s, *s_img.shape[2:]), q_img.reshape(b * q, *q_img.shape[2:])])
+        return images, masks, b, s, q, batched
 
     def _query_inputs(self, encoding: SupportEncoding, query_images: torch.Tensor) -> torch.Tensor:
         """Checked 5-D view [B, Q, 3, H, W] of the query images of :meth:`segment`."""

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from models.components import (THRESHOLD_LOSS_SCALE, Components, assignment_scores, class_prototype_sets,
                                offset_probability, refine_prototypes)
-from models.dmap import (DMAP_MODES, LTG_MODES, debiased_prototypes, feature_cosine, masked_average_pooling, no_autocast,
+from models.dmap import (debiased_prototypes, feature_cosine, masked_average_pooling, no_autocast,
                          upsampled_cosine)
 from models.fewshot import FewShotSeg, SupportEncoding
 from models.losses import clamped_log, episode_loss, episode_nll
@@ -125,31 +125,10 @@ class MethodSeg(FewShotSeg):
         """The model's components."""
         return self._components
 
-    @property
-    def dmap_mode(self) -> str:
-        """``learned``, ``fixed`` or ``off``; anything but ``off`` needs ``dmap`` pooling (LTG)."""
-        return self._dmap_mode
-
-    @dmap_mode.setter
-    def dmap_mode(self, mode: str) -> None:
-        if mode not in DMAP_MODES:
-            raise ValueError(f"dmap_mode must be one of {DMAP_MODES}, got {mode!r}")
-        ltg = self._modules.get("ltg")
-        if ltg is None and mode != "off" and "ltg" in self._modules:
-            raise ValueError(f"dmap_mode {mode!r} needs pooling 'dmap'; this model pools by {self._components.pooling!r}")
-        self._dmap_mode = mode
-        if ltg is not None:
-            ltg.requires_grad_(mode in LTG_MODES)
-
     # ------------------------------------------------------------------ public API
     def forward(self, support_images: torch.Tensor, support_masks: torch.Tensor,
                 query_images: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Segments the queries of one episode (4-D inputs) or of a batch of episodes (5-D inputs).
-
-        Args:
-            support_images: [S, 3, H, W] or [B, S, 3, H, W].
-            support_masks: [S, H, W] or [B, S, H, W], foreground 1 / background 0.
-            query_images: [Q, 3, H, W] or [B, Q, 3, H, W].
+        """:meth:`FewShotSeg.forward` through the method's components (same arguments and shapes).
 
         Returns:
             (probs [Q, 2, H, W] or [B, Q, 2, H, W] float32 (background, foreground), aux). aux, detached:
@@ -158,10 +137,7 @@ class MethodSeg(FewShotSeg):
             :meth:`training_loss` and with their graph: ``align_loss`` scalar (``align_weight`` > 0) and
             ``log_probs`` (``assign`` head on one path: exact log-softmax, same shape as probs).
         """
-        s_img, masks, q_img, batched = self._episode_inputs(support_images, support_masks, query_images)
-        b, s = s_img.shape[:2]
-        q = q_img.shape[1]
-        images = torch.cat([s_img.reshape(b * s, *s_img.shape[2:]), q_img.reshape(b * q, *q_img.shape[2:])])
+        images, masks, b, s, q, batched = self._episode_inputs(support_images, support_masks, query_images)
         enc, tau = self._encoder_pass(images, b * s)
         feats, hidden = self._path_features(enc), enc["hidden"]
         support = self._support([f[: b * s] for f in feats], [x[: b * s] for x in hidden], masks, b, batched)
