@@ -79,8 +79,12 @@ def _ddp_worker(rank: int, world_size: int, port: int, cfg: dict, out_dir: str) 
     training.train(cfg, step_callback=record)
 
 
-def test_two_gloo_processes_match_one_process_with_the_same_episodes_per_step(synth_root, tmp_path):
-    common = {"n_steps": 2, "save_snapshot_every": 100, "model": {"freeze_bn": True, "backbone": "resnet18"}}
+@pytest.mark.parametrize("method", ["dmap", "adnet", "qnet", "alpnet"])
+def test_two_gloo_processes_match_one_process_with_the_same_episodes_per_step(synth_root, tmp_path, method):
+    # every method's losses (alignment, threshold loss) must average over episodes the way DDP averages
+    # gradients over ranks, and every parameter DDP expects a gradient for must get one
+    common = {"n_steps": 2, "save_snapshot_every": 100,
+              "model": {"freeze_bn": True, "backbone": "resnet18", "method": method}}
     ddp_cfg = resolve_config(build_config(["smoke"], smoke_updates(synth_root, tmp_path / "ddp", batch_size=1, **common)))
     mp.spawn(_ddp_worker, args=(2, _free_port(), ddp_cfg, str(tmp_path)), nprocs=2, join=True)
 
