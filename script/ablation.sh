@@ -24,7 +24,8 @@
 # _seed<k>), ARMS (every FOLDS x arms pair as fold:arm, or fold:arm:seed triples; arm as in METHODS but
 # without the dmap: prefix), LOG_DIR (runs/ablation), PARALLEL (1: arms one after another with all cores;
 # N: N lanes of arms side by side, lane k pinned to core k with nproc/N threads; THREADS overrides the
-# thread count), RAW_TOO (1: also score the raw weights of runs that keep averaged ones), DRY_RUN (1: print
+# thread count), RAW_TOO (1: also score the raw weights of runs that keep averaged ones), EVAL_LAST (N:
+# evaluate only the N latest step snapshots beside the final weights; 2 gives the last-three mean), DRY_RUN (1: print
 # each arm's training and evaluation command, run nothing, write no report), PYTHON (python).
 # Run folders are named by config.experiment_name: ..._fold<f>_<mode> for DMAP, ..._fold<f>_<method> else.
 # Finished arms are not retrained (resume=True) and evaluated snapshots are not re-evaluated, so the script
@@ -104,6 +105,7 @@ run_arm() {  # fold arm seed(- for the config's) log_prefix; then named configs 
   local name="${DATASET}_setting${SETTING}_fold${fold}_${arm_word}"
   if [ "$seed" != "-" ]; then arm+=(seed="$seed" tag="seed$seed"); name="${name}_seed$seed"; fi
   if [ "${RAW_TOO:-0}" = 1 ]; then eval_opts+=(--raw-too); fi
+  if [ -n "${EVAL_LAST:-}" ]; then eval_opts+=(--last "$EVAL_LAST"); fi
   local train=("$PYTHON" training.py with "$@" "${common[@]}" "${arm[@]}" resume=True)
   local evaluate=("$PYTHON" script/evaluate_snapshots.py "${eval_opts[@]}" -- "$@" "${common[@]}" "${arm[@]}")
   if [ "$DRY_RUN" = 1 ]; then  # one write per arm, so that parallel lanes do not interleave lines

@@ -10,7 +10,9 @@ does, with the model it was trained as: the final weights with results, predicti
 ``<run>/results``; each ``snapshots/step_<n>.pth`` into ``<run>/snapshot_results/step_<n>/results.json`` (no
 pictures), skipped when that file exists. Checkpoints that hold averaged weights are scored with them
 (``eval_weights=auto``); ``--raw-too`` also scores their raw weights, into ``<run>/results_raw`` and
-``<run>/snapshot_results_raw/step_<n>``.
+``<run>/snapshot_results_raw/step_<n>``. ``--last N`` evaluates only the N latest step snapshots (with the
+final weights, the last N + 1 checkpoints: ``--last 2`` is what the stability figure, the mean of the last
+three checkpoints, needs), which halves the evaluation of a seeded sweep that does not plot Dice against step.
 
 With ``tensorboard=True`` (the default) and TensorBoard installed, the mean Dice of each checkpoint evaluated
 by this call is also written into the run's TensorBoard folder ``<run>/tensorboard``, at the checkpoint's
@@ -82,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                "folder of the config's recipe")
     parser.add_argument("--raw-too", action="store_true",
                         help="also score the raw weights of checkpoints that hold averaged ones")
+    parser.add_argument("--last", type=int, default=None, metavar="N",
+                        help="evaluate only the N latest step snapshots (the final weights always)")
     args = parser.parse_args(own)
+    if args.last is not None and args.last < 0:
+        parser.error(f"--last is {args.last}; expected 0 or more snapshots")
     configure_logging(logging.WARNING)
     with one_line_errors("evaluate_snapshots"):
         named, updates = parse_with_arguments(words)
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         test = load_test_module()
         board = ScalarLogger(None, run / "tensorboard") if cfg.get("tensorboard") else None
         try:
-            summary, out_dir = evaluate_all(test, cfg, run, final, board, args.raw_too)
+            summary, out_dir = evaluate_all(test, cfg, run, final, board, args.raw_too, args.last)
         finally:
             if board is not None:
                 board.close()
@@ -105,12 +111,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_all(test: Any, cfg: dict[str, Any], run: Path, final: Path, board: ScalarLogger | None,
-                 raw_too: bool) -> tuple[dict[str, Any], Path]:
-    """Each step snapshot not yet evaluated, then the final weights (as :func:`main` describes)."""
+                 raw_too: bool, last: int | None = None) -> tuple[dict[str, Any], Path]:
+    """Each step snapshot not yet evaluated (the ``last`` latest if given), then the final weights (as
+    :func:`main` describes)."""
     snapshots = final.parent
     passes = [("", cfg.get("eval_weights", "auto"))] + ([("_raw", "raw")] if raw_too else [])
+    # names carry zero-padded steps, so the name order is the step order
+    steps = sorted(snapshots.glob(f"{STEP_PREFIX}*.pth"))
+    if last is not None:
+        steps = steps[len(steps) - last:] if last > 0 else []
     for suffix, weights in passes:
-        for path in sorted(snapshots.glob(f"{STEP_PREFIX}*.pth")):
+        for path in steps:
             out_dir = run / f"snapshot_results{suffix}" / path.stem
             if (out_dir / "results.json").is_file():
                 continue

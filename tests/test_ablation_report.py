@@ -97,6 +97,40 @@ def test_with_words_parse_like_sacred():
     assert updates == {"model": {"dmap_mode": "off"}, "test_label": [1, 2], "data_root": "data/x", "n_steps": 30}
 
 
+class _StubTest:
+    """Stands in for test.py: records which checkpoint each evaluation read, with which weights."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run_test(self, cfg, out_dir):
+        self.calls.append((Path(cfg["reload_model_path"]).name, cfg["eval_weights"], Path(out_dir).name))
+        return {"mean": {"model": {"dice": 0.5}}, "weights": cfg["eval_weights"]}, Path(out_dir)
+
+
+@pytest.mark.parametrize("last,expected", [(None, ["step_0000600.pth", "step_0001200.pth", "step_0001800.pth",
+                                                   "step_0002400.pth", "step_0003000.pth"]),
+                                           (2, ["step_0002400.pth", "step_0003000.pth"]),
+                                           (0, [])])
+def test_evaluate_snapshots_last_takes_the_latest_steps_and_always_the_final_weights(tmp_path, last, expected):
+    spec = importlib.util.spec_from_file_location("evaluate_snapshots", REPO / "script" / "evaluate_snapshots.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    snapshots = tmp_path / "snapshots"
+    snapshots.mkdir()
+    # created out of step order; 600 sorts after 3000 as an unpadded name would
+    for step in (3000, 600, 2400, 1200, 1800):
+        (snapshots / f"step_{step:07d}.pth").write_bytes(b"")
+    (snapshots / "final.pth").write_bytes(b"")
+    stub = _StubTest()
+    module.evaluate_all(stub, {"eval_weights": "auto"}, tmp_path, snapshots / "final.pth", None, True, last)
+    averaged = [name for name, weights, _ in stub.calls if weights == "auto"]
+    raw = [name for name, weights, _ in stub.calls if weights == "raw"]
+    assert averaged == expected + ["final.pth"]
+    assert raw == expected + ["final.pth"]
+    assert stub.calls[-1] == ("final.pth", "auto", "results")
+
+
 @pytest.mark.slow
 def test_ablation_script_trains_evaluates_and_reports(synth_root, tmp_path):
     import os
@@ -356,6 +390,15 @@ def test_ablation_script_sweeps_methods_folds_and_seeds_in_a_dry_run(tmp_path):
     assert "== CHAOST2_setting1_fold2_qnet_seed3" in done.stdout
     assert "model.method=adnet" in evaluate[2] and evaluate[2].split()[1:4] == ["python", "script/evaluate_snapshots.py", "--"]
     assert not (tmp_path / "sweep").exists()  # a dry run writes nothing
+
+
+def test_ablation_script_passes_eval_last_and_raw_too_to_the_evaluation(tmp_path):
+    done = dry_run(tmp_path, "cpu", ARMS="0:learned:1", EVAL_LAST="2", RAW_TOO="1")
+    assert done.returncode == 0, done.stderr
+    evaluate = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("evaluate: ")]
+    assert len(evaluate) == 1
+    own = evaluate[0][2:evaluate[0].index("--")]  # between the script and the test.py words
+    assert own == ["--raw-too", "--last", "2"]
 
 
 def test_ablation_script_keeps_arms_and_modes_and_refuses_unknown_arms(tmp_path):
