@@ -25,7 +25,10 @@
 # without the dmap: prefix), LOG_DIR (runs/ablation), PARALLEL (1: arms one after another with all cores;
 # N: N lanes of arms side by side, lane k pinned to core k with nproc/N threads; THREADS overrides the
 # thread count), RAW_TOO (1: also score the raw weights of runs that keep averaged ones), EVAL_LAST (N:
-# evaluate only the N latest step snapshots beside the final weights; 2 gives the last-three mean), DRY_RUN (1: print
+# evaluate only the N latest step snapshots beside the final weights; 2 gives the last-three mean),
+# TIME_LIMIT_MIN (minutes for the whole sweep, decimals allowed: each arm trains with what is left as
+# time_limit_min and saves its step; an arm stopped by it is not evaluated, and arms after the budget is
+# spent do not start; the same command later continues them), DRY_RUN (1: print
 # each arm's training and evaluation command, run nothing, write no report), PYTHON (python).
 # Run folders are named by config.experiment_name: ..._fold<f>_<mode> for DMAP, ..._fold<f>_<method> else.
 # Finished arms are not retrained (resume=True) and evaluated snapshots are not re-evaluated, so the script
@@ -114,14 +117,30 @@ run_arm() {  # fold arm seed(- for the config's) log_prefix; then named configs 
     printf '== %s\ntrain: %s\nevaluate: %s\n' "$name" "${t% }" "${e% }"
     return
   fi
+  if [ -n "${TIME_LIMIT_MIN:-}" ]; then
+    local left
+    left=$(awk -v end="$DEADLINE" -v now="$(date +%s.%N)" 'BEGIN { m = (end - now) / 60; if (m > 0) printf "%.4f", m }')
+    if [ -z "$left" ]; then echo "== $name: not started, TIME_LIMIT_MIN is spent"; echo "$name" >> "$LOG_DIR/logs/unfinished"; return; fi
+    train+=(time_limit_min="$left")
+  fi
   echo "== $name: training (log $log.train.log)"
   "${pin[@]}" "${train[@]}" > "$log.train.log" 2>&1
+  if grep -q "time_limit_min=.* reached after" "$log.train.log"; then
+    echo "== $name: stopped by TIME_LIMIT_MIN (saved; run the same command again to continue), not evaluated"
+    echo "$name" >> "$LOG_DIR/logs/unfinished"
+    return
+  fi
   echo "== $name: evaluating the final weights and every snapshot"
   "${pin[@]}" "${evaluate[@]}" > "$log.test.log" 2>&1
 }
 
-[ "$DRY_RUN" = 1 ] || mkdir -p "$LOG_DIR/logs"
+[ "$DRY_RUN" = 1 ] || { mkdir -p "$LOG_DIR/logs"; rm -f "$LOG_DIR/logs/unfinished"; }
 start=$(date +%s)
+if [ -n "${TIME_LIMIT_MIN:-}" ]; then
+  DEADLINE=$(awk -v start="$start" -v m="$TIME_LIMIT_MIN" 'BEGIN { if (m + 0 <= 0) exit 1; printf "%.3f", start + 60 * m }') \
+    || { echo "ablation.sh: TIME_LIMIT_MIN is '$TIME_LIMIT_MIN'; expected a positive number of minutes" >&2; exit 2; }
+  export DEADLINE
+fi
 pids=()
 for (( lane = 0; lane < PARALLEL; lane++ )); do
   (
@@ -139,5 +158,14 @@ status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 [ "$status" -eq 0 ] || { echo "an arm failed: see $LOG_DIR/logs/*.log" >&2; exit 1; }
 [ "$DRY_RUN" = 1 ] && exit 0
+if [ -s "$LOG_DIR/logs/unfinished" ]; then
+  echo "$(wc -l < "$LOG_DIR/logs/unfinished") arm(s) unfinished when TIME_LIMIT_MIN was spent; run the same" \
+       "command again to continue them"
+  # the report covers the arms evaluated so far; exit 2 means none is yet
+  report_status=0
+  "$PYTHON" script/ablation_report.py "$LOG_DIR" || report_status=$?
+  [ "$report_status" -eq 0 ] || [ "$report_status" -eq 2 ] || exit "$report_status"
+  exit 0
+fi
 "$PYTHON" script/ablation_report.py "$LOG_DIR"
 echo "ablation finished in $(( $(date +%s) - start )) s; table and pictures in $LOG_DIR"

@@ -10,7 +10,8 @@ does, with the model it was trained as: the final weights with results, predicti
 ``<run>/results``; each ``snapshots/step_<n>.pth`` into ``<run>/snapshot_results/step_<n>/results.json`` (no
 pictures), skipped when that file exists. Checkpoints that hold averaged weights are scored with them
 (``eval_weights=auto``); ``--raw-too`` also scores their raw weights, into ``<run>/results_raw`` and
-``<run>/snapshot_results_raw/step_<n>``. ``--last N`` evaluates only the N latest step snapshots (with the
+``<run>/snapshot_results_raw/step_<n>``. The final weights are evaluated again only when ``final.pth`` is
+not the file its results were computed from (a resumed run). ``--last N`` evaluates only the N latest step snapshots (with the
 final weights, the last N + 1 checkpoints: ``--last 2`` is what the stability figure, the mean of the last
 three checkpoints, needs), which halves the evaluation of a seeded sweep that does not plot Dice against step.
 
@@ -34,6 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from config import (NAMED_CONFIGS, ConfigError, build_config, configure_logging, one_line_errors,  # noqa: E402
                     resolve_config)
+from evaluation.provenance import sha256_file  # noqa: E402
 from util.checkpoints import FINAL_NAME, STEP_PREFIX  # noqa: E402
 from util.logger import ScalarLogger  # noqa: E402
 
@@ -130,14 +132,34 @@ def evaluate_all(test: Any, cfg: dict[str, Any], run: Path, final: Path, board: 
             log_dice(board, summary, suffix)
             print(f"{path.name} ({summary['weights']} weights): mean Dice "
                   f"{summary['mean']['model']['dice']:.4f}", flush=True)
-    if raw_too:
+    if raw_too and earlier_result(run / "results_raw", final, "raw") is None:
         summary, out_dir = test.run_test(dict(cfg, reload_model_path=str(final), save_predictions=False,
                                               eval_weights="raw"), run / "results_raw")
         log_dice(board, summary, "_raw")
         print(f"final (raw weights): mean Dice {summary['mean']['model']['dice']:.4f}", flush=True)
+    summary = earlier_result(run / "results", final, cfg.get("eval_weights", "auto"))
+    if summary is not None:
+        return summary, run / "results"
     summary, out_dir = test.run_test(dict(cfg, reload_model_path=str(final)), run / "results")
     log_dice(board, summary)
     return summary, out_dir
+
+
+def earlier_result(out_dir: Path, checkpoint: Path, weights: str) -> dict[str, Any] | None:
+    """The summary in ``out_dir/results.json`` if it scored this very file (same SHA-256) with ``weights``
+    (``auto``: whichever the checkpoint resolves to), else None: a finished run's final weights are not
+    evaluated again when an interrupted sweep is re-run, and a resumed run's new final weights are."""
+    path = out_dir / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+        scored = summary["provenance"]["checkpoint"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if scored.get("sha256") != sha256_file(checkpoint) or weights not in ("auto", summary.get("weights")):
+        return None
+    return summary
 
 
 if __name__ == "__main__":

@@ -104,8 +104,16 @@ class _StubTest:
         self.calls = []
 
     def run_test(self, cfg, out_dir):
-        self.calls.append((Path(cfg["reload_model_path"]).name, cfg["eval_weights"], Path(out_dir).name))
-        return {"mean": {"model": {"dice": 0.5}}, "weights": cfg["eval_weights"]}, Path(out_dir)
+        import hashlib
+
+        checkpoint = Path(cfg["reload_model_path"])
+        self.calls.append((checkpoint.name, cfg["eval_weights"], Path(out_dir).name))
+        weights = "averaged" if cfg["eval_weights"] == "auto" else cfg["eval_weights"]
+        summary = {"mean": {"model": {"dice": 0.5}}, "weights": weights,
+                   "provenance": {"checkpoint": {"sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}}}
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "results.json").write_text(json.dumps(summary))
+        return summary, Path(out_dir)
 
 
 @pytest.mark.parametrize("last,expected", [(None, ["step_0000600.pth", "step_0001200.pth", "step_0001800.pth",
@@ -129,6 +137,33 @@ def test_evaluate_snapshots_last_takes_the_latest_steps_and_always_the_final_wei
     assert averaged == expected + ["final.pth"]
     assert raw == expected + ["final.pth"]
     assert stub.calls[-1] == ("final.pth", "auto", "results")
+
+
+def test_evaluate_snapshots_rerun_evaluates_only_what_changed(tmp_path):
+    spec = importlib.util.spec_from_file_location("evaluate_snapshots", REPO / "script" / "evaluate_snapshots.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    snapshots = tmp_path / "snapshots"
+    snapshots.mkdir()
+    (snapshots / "step_0000600.pth").write_bytes(b"600")
+    final = snapshots / "final.pth"
+    final.write_bytes(b"weights at step 1000")
+    first = _StubTest()
+    module.evaluate_all(first, {"eval_weights": "auto"}, tmp_path, final, None, True)
+    assert len(first.calls) == 4  # snapshot and final, averaged and raw
+
+    again = _StubTest()
+    summary, out_dir = module.evaluate_all(again, {"eval_weights": "auto"}, tmp_path, final, None, True)
+    assert again.calls == [] and out_dir == tmp_path / "results" and summary["weights"] == "averaged"
+
+    final.write_bytes(b"weights at step 1200, after resuming")  # another file: its results are stale
+    resumed = _StubTest()
+    module.evaluate_all(resumed, {"eval_weights": "auto"}, tmp_path, final, None, True)
+    assert resumed.calls == [("final.pth", "raw", "results_raw"), ("final.pth", "auto", "results")]
+
+    asked_raw = _StubTest()  # results of the averaged weights do not stand for the raw ones
+    module.evaluate_all(asked_raw, {"eval_weights": "raw"}, tmp_path, final, None, False)
+    assert asked_raw.calls == [("final.pth", "raw", "results")]
 
 
 @pytest.mark.slow
@@ -158,6 +193,43 @@ def test_ablation_script_trains_evaluates_and_reports(synth_root, tmp_path):
     assert (learned / "snapshot_results" / "step_0000001" / "results.json").is_file()
     results = json.loads((learned / "results" / "results.json").read_text())
     assert results["weights"] == "raw" and results["provenance"]["checkpoint"]["weights"] == "raw"  # no average
+
+
+@pytest.mark.slow
+def test_ablation_script_time_limit_saves_the_first_arm_and_leaves_the_rest(synth_root, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from config import build_config, run_dir
+    from conftest import smoke_updates
+
+    n_sv = smoke_updates(synth_root, tmp_path)["n_sv"]
+    env = {**os.environ, "DATASET": "SYNTH", "DATA_ROOT": str(synth_root), "LOG_DIR": str(tmp_path),
+           "ARMS": "0:learned:1 0:off:1", "PYTHON": sys.executable, "TIME_LIMIT_MIN": "0.05"}  # 3 s
+    words = ["smoke", f"n_sv={n_sv}", "n_steps=3", "save_snapshot_every=10"]
+    done = subprocess.run(["bash", str(REPO / "script" / "ablation.sh"), *words], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "SYNTH_setting1_fold0_learned_seed1: stopped by TIME_LIMIT_MIN" in done.stdout
+    assert "SYNTH_setting1_fold0_off_seed1: not started, TIME_LIMIT_MIN is spent" in done.stdout
+    assert "2 arm(s) unfinished" in done.stdout
+    learned = run_dir(build_config(["smoke"], {"dataset": "SYNTH", "n_sv": n_sv, "n_steps": 3, "seed": 1,
+                                               "tag": "seed1", "path": {"log_dir": str(tmp_path)}}))
+    assert (learned / "snapshots" / "step_0000001.pth").is_file()  # the time limit's save, resumable
+    assert not (learned / "results").exists()  # a stopped arm is not evaluated
+    assert (tmp_path / "logs" / "unfinished").read_text().split() == [
+        "SYNTH_setting1_fold0_learned_seed1", "SYNTH_setting1_fold0_off_seed1"]
+
+
+def test_ablation_script_refuses_a_time_limit_that_is_not_a_positive_number(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "LOG_DIR": str(tmp_path), "ARMS": "0:learned", "TIME_LIMIT_MIN": "soon"}
+    done = subprocess.run(["bash", str(REPO / "script" / "ablation.sh"), "cpu"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "TIME_LIMIT_MIN is 'soon'" in done.stderr
 
 
 def _record(mode: str, fold: int, seed, mean: float, organs=(0.0, 0.0)) -> dict:
