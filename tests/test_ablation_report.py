@@ -11,11 +11,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_report():
-    spec = importlib.util.spec_from_file_location("ablation_report", REPO / "script" / "ablation_report.py")
+def load_script(name: str):
+    """A module of script/ by path (script/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "script" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_report():
+    return load_script("ablation_report")
 
 
 def write_run(root: Path, fold: int, mode: str, model: dict, copy: dict, snapshots: dict, final_step: int,
@@ -88,9 +93,7 @@ def test_folder_without_evaluated_runs_is_one_line_error(tmp_path, capsys):
 
 
 def test_with_words_parse_like_sacred():
-    spec = importlib.util.spec_from_file_location("evaluate_snapshots", REPO / "script" / "evaluate_snapshots.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("evaluate_snapshots")
     named, updates = module.parse_with_arguments(["cpu", "model.dmap_mode=off", "test_label=[1,2]", "data_root=data/x",
                                                   "n_steps=30"])
     assert named == ["cpu"]
@@ -121,9 +124,7 @@ class _StubTest:
                                            (2, ["step_0002400.pth", "step_0003000.pth"]),
                                            (0, [])])
 def test_evaluate_snapshots_last_takes_the_latest_steps_and_always_the_final_weights(tmp_path, last, expected):
-    spec = importlib.util.spec_from_file_location("evaluate_snapshots", REPO / "script" / "evaluate_snapshots.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("evaluate_snapshots")
     snapshots = tmp_path / "snapshots"
     snapshots.mkdir()
     # created out of step order; 600 sorts after 3000 as an unpadded name would
@@ -140,9 +141,7 @@ def test_evaluate_snapshots_last_takes_the_latest_steps_and_always_the_final_wei
 
 
 def test_evaluate_snapshots_rerun_evaluates_only_what_changed(tmp_path):
-    spec = importlib.util.spec_from_file_location("evaluate_snapshots", REPO / "script" / "evaluate_snapshots.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("evaluate_snapshots")
     snapshots = tmp_path / "snapshots"
     snapshots.mkdir()
     (snapshots / "step_0000600.pth").write_bytes(b"600")
