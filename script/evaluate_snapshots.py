@@ -132,12 +132,13 @@ def evaluate_all(test: Any, cfg: dict[str, Any], run: Path, final: Path, board: 
             log_dice(board, summary, suffix)
             print(f"{path.name} ({summary['weights']} weights): mean Dice "
                   f"{summary['mean']['model']['dice']:.4f}", flush=True)
-    if raw_too and earlier_result(run / "results_raw", final, "raw") is None:
+    final_sha256 = sha256_file(final)  # read once for both passes
+    if raw_too and earlier_result(run / "results_raw", final_sha256, "raw") is None:
         summary, out_dir = test.run_test(dict(cfg, reload_model_path=str(final), save_predictions=False,
                                               eval_weights="raw"), run / "results_raw")
         log_dice(board, summary, "_raw")
         print(f"final (raw weights): mean Dice {summary['mean']['model']['dice']:.4f}", flush=True)
-    summary = earlier_result(run / "results", final, cfg.get("eval_weights", "auto"))
+    summary = earlier_result(run / "results", final_sha256, cfg.get("eval_weights", "auto"))
     if summary is not None:
         return summary, run / "results"
     summary, out_dir = test.run_test(dict(cfg, reload_model_path=str(final)), run / "results")
@@ -145,8 +146,8 @@ def evaluate_all(test: Any, cfg: dict[str, Any], run: Path, final: Path, board: 
     return summary, out_dir
 
 
-def earlier_result(out_dir: Path, checkpoint: Path, weights: str) -> dict[str, Any] | None:
-    """The summary in ``out_dir/results.json`` if it scored this very file (same SHA-256) with ``weights``
+def earlier_result(out_dir: Path, checkpoint_sha256: str, weights: str) -> dict[str, Any] | None:
+    """The summary in ``out_dir/results.json`` if it scored the file of ``checkpoint_sha256`` with ``weights``
     (``auto``: whichever the checkpoint resolves to), else None: a finished run's final weights are not
     evaluated again when an interrupted sweep is re-run, and a resumed run's new final weights are."""
     path = out_dir / "results.json"
@@ -157,7 +158,7 @@ def earlier_result(out_dir: Path, checkpoint: Path, weights: str) -> dict[str, A
         scored = summary["provenance"]["checkpoint"]
     except (ValueError, KeyError, TypeError):
         return None
-    if scored.get("sha256") != sha256_file(checkpoint) or weights not in ("auto", summary.get("weights")):
+    if scored.get("sha256") != checkpoint_sha256 or weights not in ("auto", summary.get("weights")):
         return None
     return summary
 
