@@ -25,6 +25,9 @@ Writes into the folder:
   the number of pairs;
 - ``curves_fold<f>.png``: training loss (moving average), threshold xi and kept fraction of support pixels
   (arms that de-bias only) and predicted foreground fraction against step, one line per arm;
+- ``dice_by_step.md``: per run, how still its end is (final mean Dice, the mean and the lowest of the last
+  three checkpoints, final minus that mean; for the raw weights too when ``RAW_TOO=1`` scored them) and the
+  mean Dice at every evaluated step;
 - ``dice_vs_step.png``: mean Dice of the snapshots and final weights against step, one line per (fold, arm).
 """
 from __future__ import annotations
@@ -340,6 +343,46 @@ def summary_markdown(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stability(curve: list[tuple[int, float]], n: int = LAST_N) -> dict | None:
+    """How still the end of a (step, mean Dice) curve is: the final Dice, the mean and the lowest of the
+    ``n`` latest evaluations, and the final minus that mean; None with fewer than ``n`` evaluations."""
+    if len(curve) < n:
+        return None
+    last = [dice for _, dice in sorted(curve)[-n:]]
+    final, mean = last[-1], float(np.mean(last))
+    return {"final": final, "last_mean": mean, "last_min": min(last), "final_minus_last_mean": final - mean}
+
+
+def run_label(rec: dict) -> str:
+    return f"fold {rec['fold']} {rec['mode']}" + ("" if rec["seed"] is None else f" seed {rec['seed']}")
+
+
+def dice_by_step_markdown(records: list[dict]) -> str:
+    """``dice_by_step.md``: each run's stability (:func:`stability`) of the evaluated weights and, when
+    scored, of the raw weights of the same checkpoints; then its mean Dice at every evaluated step."""
+    lines = [f"How still the end of each run is: final mean Dice against the mean (and the lowest) of the last "
+             f"{LAST_N} evaluated checkpoints.", "",
+             "| run | weights | final | mean of last 3 | lowest of last 3 | final - mean of last 3 |",
+             "|---|---|---|---|---|---|"]
+    for rec in records:
+        curves = [(rec["weights"], rec["snapshots"])]
+        if rec["raw_snapshots"] and rec["weights"] != "raw":
+            curves.append(("raw", rec["raw_snapshots"]))
+        for weights, curve in curves:
+            s = stability(curve)
+            cells = ["-"] * 4 if s is None else [f"{s['final']:.3f}", f"{s['last_mean']:.3f}",
+                                                 f"{s['last_min']:.3f}", f"{s['final_minus_last_mean']:+.3f}"]
+            lines.append(f"| {run_label(rec)} | {weights} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean Dice at every evaluated step (the last step is the final weights):", "",
+              "| run | step | evaluated weights | raw weights |", "|---|---|---|---|"]
+    for rec in records:
+        raw = dict(rec["raw_snapshots"]) if rec["weights"] != "raw" else {}
+        for step, dice in sorted(rec["snapshots"]):
+            lines.append(f"| {run_label(rec)} | {step} | {dice:.3f} ({rec['weights']}) | "
+                         f"{'-' if step not in raw else f'{raw[step]:.3f}'} |")
+    return "\n".join(lines) + "\n"
+
+
 def fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -444,9 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     md, csv_path = write_tables(header, rows, args.root)
     summary = args.root / "summary.md"
     summary.write_text(summary_markdown(records))
+    by_step = args.root / "dice_by_step.md"
+    by_step.write_text(dice_by_step_markdown(records))
     print(md.read_text(), end="")
     print(summary.read_text(), end="")
-    written = [md, csv_path, summary] + ([] if args.no_plots else plot(records, args.root))
+    written = [md, csv_path, summary, by_step] + ([] if args.no_plots else plot(records, args.root))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -82,6 +82,7 @@ def test_cli_writes_markdown_csv_and_pictures(ablation, capsys):
     with open(ablation / "ablation.csv") as handle:
         rows = list(csv.reader(handle))
     assert rows[1][:6] == ["0", "learned", "300", "0.6000", "0.4000", "0.5000"]
+    assert "| fold 0 learned | raw | 0.500 | 0.333 | 0.200 | +0.167 |" in (ablation / "dice_by_step.md").read_text()
     for name in ("curves_fold0.png", "curves_fold1.png", "dice_vs_step.png"):
         assert (ablation / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -377,6 +378,7 @@ def test_methods_without_de_biasing_scalars_are_plotted(two_methods, monkeypatch
     root, _ = two_methods
     monkeypatch.setattr(report, "model_parameters", fake_parameters)
     assert report.main([str(root)]) == 0
+    assert "| fold 0 learned | raw | 0.500 | 0.333 | 0.200 | +0.167 |" in (ablation / "dice_by_step.md").read_text()
     for name in ("curves_fold0.png", "curves_fold1.png", "dice_vs_step.png"):
         assert (root / name).read_bytes()[:4] == b"\x89PNG"
     assert "| adnet |" in (root / "summary.md").read_text()
@@ -498,3 +500,29 @@ def test_a_method_among_the_arguments_sweeps_its_modes_and_excludes_method_arms(
     for env in ({"METHODS": "adnet"}, {"ARMS": "0:learned 0:qnet"}):
         refused = dry_run(tmp_path, "cpu", "model.method=qnet", **env)
         assert refused.returncode == 2 and "name the methods in one place" in refused.stderr
+
+
+def test_stability_is_final_against_the_mean_and_lowest_of_the_last_three():
+    report = load_report()
+    # unsorted on purpose: the last three are steps 200, 300, 400 (0.5, 0.2, 0.6), not the last listed
+    got = report.stability([(400, 0.6), (100, 0.9), (300, 0.2), (200, 0.5)])
+    assert got == {"final": 0.6, "last_mean": pytest.approx(1.3 / 3), "last_min": 0.2,
+                   "final_minus_last_mean": pytest.approx(0.6 - 1.3 / 3)}
+    assert report.stability([(100, 0.9), (200, 0.5)]) is None  # two evaluations are not three
+
+
+def test_dice_by_step_gives_stability_and_every_step_of_averaged_and_raw_weights():
+    report = load_report()
+    averaged = {"mode": "learned", "fold": 0, "seed": None, "weights": "averaged",
+                "snapshots": [(100, 0.4), (200, 0.5), (300, 0.6)], "raw_snapshots": [(100, 0.1), (300, 0.7)]}
+    raw_only = {"mode": "off", "fold": 1, "seed": 2, "weights": "raw", "snapshots": [(300, 0.3)],
+                "raw_snapshots": []}
+    text = report.dice_by_step_markdown([averaged, raw_only])
+    assert "| fold 0 learned | averaged | 0.600 | 0.500 | 0.400 | +0.100 |" in text
+    assert "| fold 0 learned | raw | - | - | - | - |" in text  # two raw evaluations: no last-3 figure
+    assert "| fold 1 off seed 2 | raw | - | - | - | - |" in text
+    assert text.count("| fold 1 off seed 2 | raw |") == 1  # raw weights are not listed twice
+    assert "| fold 0 learned | 100 | 0.400 (averaged) | 0.100 |" in text
+    assert "| fold 0 learned | 200 | 0.500 (averaged) | - |" in text
+    assert "| fold 0 learned | 300 | 0.600 (averaged) | 0.700 |" in text
+    assert "| fold 1 off seed 2 | 300 | 0.300 (raw) | - |" in text
