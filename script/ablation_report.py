@@ -27,7 +27,7 @@ Writes into the folder:
   (arms that de-bias only) and predicted foreground fraction against step, one line per arm;
 - ``dice_by_step.md``: per run, how still its end is (final mean Dice, the mean and the lowest of the last
   three checkpoints, final minus that mean; for the raw weights too when ``RAW_TOO=1`` scored them) and the
-  mean Dice at every evaluated step;
+  mean Dice (and recall) at every evaluated step;
 - ``dice_vs_step.png``: mean Dice of the snapshots and final weights against step, one line per (fold, arm).
 """
 from __future__ import annotations
@@ -167,9 +167,10 @@ def collect(root: Path, parameters: bool = True) -> list[dict]:
             continue
         summary = read_json(results)
         last = final_step(run)
-        snapshots = snapshot_curve(run, "", summary, last)
+        snapshots, recalls = snapshot_curve(run, "", summary, last)
         raw_final = run / "results_raw" / "results.json"
-        raw_snapshots = snapshot_curve(run, "_raw", read_json(raw_final) if raw_final.is_file() else None, last)
+        raw_snapshots, raw_recalls = snapshot_curve(run, "_raw", read_json(raw_final) if raw_final.is_file() else None,
+                                                    last)
         mode, seed = run_arm_and_seed(summary, match)
         trained = summary.get("provenance", {}).get("training_config")
         model = trained.get("model") if isinstance(trained, dict) and isinstance(trained.get("model"), dict) else None
@@ -182,6 +183,7 @@ def collect(root: Path, parameters: bool = True) -> list[dict]:
             "precision": summary["mean"]["model"]["precision"], "recall": summary["mean"]["model"]["recall"],
             "support_id": summary["supports"][0]["support_id"], "snapshots": sorted(snapshots), "step": last,
             "raw_snapshots": sorted(raw_snapshots), "weights": summary.get("weights", "raw"),
+            "recalls": recalls, "raw_recalls": raw_recalls,
             "last_mean": last_n_mean(sorted(snapshots)),
             "method": (model.get("method") or "dmap") if model else ("dmap" if mode in MODES else mode),
             "debiased": debiases(model, mode),
@@ -191,14 +193,17 @@ def collect(root: Path, parameters: bool = True) -> list[dict]:
     return records
 
 
-def snapshot_curve(run: Path, suffix: str, final: dict | None, last: int | None) -> list[tuple[int, float]]:
-    """(step, mean Dice) of ``snapshot_results<suffix>/step_<n>`` and of the final weights' results."""
-    curve = []
+def snapshot_curve(run: Path, suffix: str, final: dict | None,
+                   last: int | None) -> tuple[list[tuple[int, float]], dict[int, float]]:
+    """(step, mean Dice) of ``snapshot_results<suffix>/step_<n>`` and of the final weights' results, and
+    the mean recall at the steps whose results record it (a low recall tells under-segmentation)."""
+    scores = []
     for path in run.glob(f"snapshot_results{suffix}/step_*/results.json"):
-        curve.append((int(path.parent.name.split("_")[1]), read_json(path)["mean"]["model"]["dice"]))
+        scores.append((int(path.parent.name.split("_")[1]), read_json(path)["mean"]["model"]))
     if last is not None and final is not None:
-        curve.append((last, final["mean"]["model"]["dice"]))
-    return curve
+        scores.append((last, final["mean"]["model"]))
+    curve = [(step, mean["dice"]) for step, mean in scores]
+    return curve, {step: mean["recall"] for step, mean in scores if mean.get("recall") is not None}
 
 
 def run_arm_and_seed(summary: dict, match: re.Match) -> tuple[str, int | None]:
@@ -373,13 +378,21 @@ def dice_by_step_markdown(records: list[dict]) -> str:
             cells = ["-"] * 4 if s is None else [f"{s['final']:.3f}", f"{s['last_mean']:.3f}",
                                                  f"{s['last_min']:.3f}", f"{s['final_minus_last_mean']:+.3f}"]
             lines.append(f"| {run_label(rec)} | {weights} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean Dice at every evaluated step (the last step is the final weights):", "",
+    lines += ["", "Mean Dice at every evaluated step, mean recall in brackets where recorded (the last step is the "
+                  "final weights):", "",
               "| run | step | evaluated weights | raw weights |", "|---|---|---|---|"]
+
+    def cell(dice: float | None, recall: float | None) -> str:
+        if dice is None:
+            return "-"
+        return f"{dice:.3f}" + ("" if recall is None else f" (recall {recall:.2f})")
+
     for rec in records:
         raw = dict(rec["raw_snapshots"]) if rec["weights"] != "raw" else {}
+        recalls, raw_recalls = rec.get("recalls", {}), rec.get("raw_recalls", {})
         for step, dice in sorted(rec["snapshots"]):
-            lines.append(f"| {run_label(rec)} | {step} | {dice:.3f} ({rec['weights']}) | "
-                         f"{'-' if step not in raw else f'{raw[step]:.3f}'} |")
+            lines.append(f"| {run_label(rec)} | {step} | {cell(dice, recalls.get(step))}, {rec['weights']} | "
+                         f"{cell(raw.get(step), raw_recalls.get(step))} |")
     return "\n".join(lines) + "\n"
 
 

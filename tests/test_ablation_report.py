@@ -82,7 +82,10 @@ def test_cli_writes_markdown_csv_and_pictures(ablation, capsys):
     with open(ablation / "ablation.csv") as handle:
         rows = list(csv.reader(handle))
     assert rows[1][:6] == ["0", "learned", "300", "0.6000", "0.4000", "0.5000"]
-    assert "| fold 0 learned | raw | 0.500 | 0.333 | 0.200 | +0.167 |" in (ablation / "dice_by_step.md").read_text()
+    by_step = (ablation / "dice_by_step.md").read_text()
+    assert "| fold 0 learned | raw | 0.500 | 0.333 | 0.200 | +0.167 |" in by_step
+    assert "| fold 0 learned | 100 | 0.200, raw | - |" in by_step  # the snapshot results record no recall
+    assert "| fold 0 learned | 300 | 0.500 (recall 0.75), raw | - |" in by_step  # the final results do
     for name in ("curves_fold0.png", "curves_fold1.png", "dice_vs_step.png"):
         assert (ablation / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -513,7 +516,8 @@ def test_stability_is_final_against_the_mean_and_lowest_of_the_last_three():
 def test_dice_by_step_gives_stability_and_every_step_of_averaged_and_raw_weights():
     report = load_report()
     averaged = {"mode": "learned", "fold": 0, "seed": None, "weights": "averaged",
-                "snapshots": [(100, 0.4), (200, 0.5), (300, 0.6)], "raw_snapshots": [(100, 0.1), (300, 0.7)]}
+                "snapshots": [(100, 0.4), (200, 0.5), (300, 0.6)], "raw_snapshots": [(100, 0.1), (300, 0.7)],
+                "recalls": {100: 0.25, 300: 0.5}, "raw_recalls": {100: 0.13}}
     raw_only = {"mode": "off", "fold": 1, "seed": 2, "weights": "raw", "snapshots": [(300, 0.3)],
                 "raw_snapshots": []}
     text = report.dice_by_step_markdown([averaged, raw_only])
@@ -521,7 +525,7 @@ def test_dice_by_step_gives_stability_and_every_step_of_averaged_and_raw_weights
     assert "| fold 0 learned | raw | - | - | - | - |" in text  # two raw evaluations: no last-3 figure
     assert "| fold 1 off seed 2 | raw | - | - | - | - |" in text
     assert text.count("| fold 1 off seed 2 | raw |") == 1  # raw weights are not listed twice
-    assert "| fold 0 learned | 100 | 0.400 (averaged) | 0.100 |" in text
-    assert "| fold 0 learned | 200 | 0.500 (averaged) | - |" in text
-    assert "| fold 0 learned | 300 | 0.600 (averaged) | 0.700 |" in text
-    assert "| fold 1 off seed 2 | 300 | 0.300 (raw) | - |" in text
+    assert "| fold 0 learned | 100 | 0.400 (recall 0.25), averaged | 0.100 (recall 0.13) |" in text
+    assert "| fold 0 learned | 200 | 0.500, averaged | - |" in text  # no recall recorded at this step
+    assert "| fold 0 learned | 300 | 0.600 (recall 0.50), averaged | 0.700 |" in text
+    assert "| fold 1 off seed 2 | 300 | 0.300, raw | - |" in text
