@@ -219,9 +219,8 @@ def run_arm_and_seed(summary: dict, match: re.Match) -> tuple[str, int | None]:
 
 def last_n_mean(snapshots: list[tuple[int, float]], n: int = LAST_N) -> float | None:
     """Mean Dice of the ``n`` latest (step, Dice) evaluations; None with fewer than ``n``."""
-    if len(snapshots) < n:
-        return None
-    return float(np.mean([dice for _, dice in sorted(snapshots)[-n:]]))
+    still = stability(snapshots, n)
+    return None if still is None else still["last_mean"]
 
 
 def table_rows(records: list[dict]) -> tuple[list[str], list[list]]:

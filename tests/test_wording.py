@@ -14,12 +14,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_SUFFIXES = (".py", ".md", ".sh", ".txt", ".cfg", ".toml", ".yml", ".yaml")
-#: regular expressions, matched case-insensitively; words are joined by ``\s+`` so that a phrase written
-#: with other spacing is found too (and so that this file does not hold the phrases it forbids)
+
+
 def _phrase(*words: str) -> str:
     return r"\s+".join(words)
 
 
+#: regular expressions, matched case-insensitively; words are joined by ``\s+`` so that a phrase written
+#: with other spacing is found too (and so that this file does not hold the phrases it forbids)
 PATTERNS = tuple(re.compile(p, re.IGNORECASE) for p in (
     _phrase("the", "issue" + "'s"),
     r"\(issue",
