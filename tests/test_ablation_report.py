@@ -260,6 +260,20 @@ def test_paired_differences_match_fold_and_seed_and_average_the_pairs():
     assert min(diffs) <= low < result["mean"] < high <= max(diffs)
     assert report.paired_differences(records, "learned", "fixed") is None
     assert report.bootstrap_ci([0.1]) is None  # one pair: no interval
+    assert report.t_ci([0.1]) is None
+    sd = (sum((d - result["mean"]) ** 2 for d in diffs) / 2) ** 0.5  # n - 1 = 2
+    half = 4.302653 * sd / 3 ** 0.5  # t_{0.975, 2 df}
+    assert result["t_ci"] == pytest.approx((result["mean"] - half, result["mean"] + half), abs=1e-6)
+
+
+def test_t_interval_is_hand_computed_and_wider_than_the_bootstrap_for_two_pairs():
+    report = load_report()
+    # mean 0.2, sd 0.1414 (n - 1), se 0.1, t_{0.975, 1 df} = 12.7062: the interval spans zero
+    assert report.t_ci([0.1, 0.3]) == pytest.approx((0.2 - 1.270620, 0.2 + 1.270620), abs=1e-6)
+    # the percentile bootstrap of two pairs can only return the range of the two values
+    low, high = report.bootstrap_ci([0.1, 0.3])
+    assert 0.1 <= low and high <= 0.3
+    assert report.t_ci([0.05, 0.05, 0.05]) == pytest.approx((0.05, 0.05))  # no spread: no width
 
 
 def test_bootstrap_interval_is_reproducible_and_shrinks_with_more_pairs():
@@ -285,7 +299,7 @@ def test_arm_summary_is_mean_and_sample_std_over_runs_and_baseline_over_folds():
     copy = rows["copy-the-support"]
     assert copy["n"] == 2 and copy["mean"][0] == pytest.approx((0.1 + 0.2) / 2)  # one value per fold
     text = report.summary_markdown(records)
-    assert "| learned | 3 | 0 1 | 1 2 | 0.700 +- 0.200 | 0.700 +- 0.200 | 0.700 +- 0.100 |" in text and "| learned - off | +0.100 | n/a (one pair) | 1 |" in text
+    assert "| learned | 3 | 0 1 | 1 2 | 0.700 +- 0.200 | 0.700 +- 0.200 | 0.700 +- 0.100 |" in text and "| learned - off | +0.100 | n/a (one pair) | n/a (one pair) | 1 |" in text
 
 
 def test_seeded_run_folders_are_read_with_their_seed(tmp_path):
