@@ -4,8 +4,8 @@
 
 Runs are grouped by experiment name without its fold (e.g. ``CHAOST2_setting1_learned``, or
 ``CHAOST2_setting1_learned_cpu-3f2a9c1e`` for another recipe); for each group the Dice of each organ is
-averaged over folds (mean +- standard deviation over folds), beside the copy-the-support baseline. The folds
-of a group must have been trained with the same config in every training-relevant key but the fold
+averaged over folds (mean +- sample standard deviation over folds), and so is the copy-the-support baseline's.
+The folds of a group must have been trained with the same config in every training-relevant key but the fold
 (``provenance.training_config`` of each results.json, ``config.training_differences``); otherwise the run
 stops with one line naming the key, unless ``--allow-mixed`` is given. Writes ``summary.json`` (with each
 fold's provenance: results file, commit, checkpoint hash and step, data digest) and ``summary.csv`` in the
@@ -45,8 +45,12 @@ def collect(root: Path) -> dict[str, list[dict]]:
 
 
 def summarize_group(results: list[dict]) -> dict:
-    """Mean and population standard deviation over folds of each class's Dice (model and copy baseline)."""
+    """Mean and sample standard deviation (ddof 1, as ``script/ablation_report.py``; 0 for one fold) over folds
+    of each class's Dice (model and copy baseline)."""
     names = list(results[0]["classes"])
+    def sample_std(values: np.ndarray) -> float:
+        return float(np.std(values, ddof=1)) if values.size > 1 else 0.0 if values.size else float("nan")
+
     table = {}
     for name in names + ["mean"]:
         picks = [r["mean"] for r in results] if name == "mean" else [r["classes"][name] for r in results
@@ -57,8 +61,9 @@ def summarize_group(results: list[dict]) -> dict:
         defined = ~np.isnan(model)
         model, copy = model[defined], copy[defined]
         table[name] = {"dice_mean": float(np.mean(model)) if model.size else float("nan"),
-                       "dice_std": float(np.std(model)) if model.size else float("nan"),
+                       "dice_std": sample_std(model),
                        "copy_dice_mean": float(np.mean(copy)) if copy.size else float("nan"),
+                       "copy_dice_std": sample_std(copy),
                        "n_folds": int(defined.sum())}
     return {"folds": sorted(r["eval_fold"] for r in results), "classes": table,
             "provenance": [fold_provenance(r) for r in sorted(results, key=lambda r: r["eval_fold"])]}
@@ -122,14 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for group, entry in summary.items():
         print(f"\n{group}  (folds {entry['folds']})")
-        print(f"{'class':<16}{'Dice (mean +- std)':>22}{'copy Dice':>11}")
+        print(f"{'class':<16}{'Dice (mean +- std)':>22}{'copy Dice (mean +- std)':>27}")
         for name, stats in entry["classes"].items():
-            print(f"{name:<16}{stats['dice_mean']:>13.4f} +- {stats['dice_std']:.4f}{stats['copy_dice_mean']:>11.4f}")
-            rows.append([group, name, stats["dice_mean"], stats["dice_std"], stats["copy_dice_mean"], stats["n_folds"]])
+            print(f"{name:<16}{stats['dice_mean']:>13.4f} +- {stats['dice_std']:.4f}"
+                  f"{stats['copy_dice_mean']:>18.4f} +- {stats['copy_dice_std']:.4f}")
+            rows.append([group, name, stats["dice_mean"], stats["dice_std"], stats["copy_dice_mean"],
+                         stats["copy_dice_std"], stats["n_folds"]])
     (args.root / "summary.json").write_text(json.dumps(summary, indent=2))
     with open(args.root / "summary.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["experiment", "class", "dice_mean", "dice_std", "copy_dice_mean", "n_folds"])
+        writer.writerow(["experiment", "class", "dice_mean", "dice_std", "copy_dice_mean", "copy_dice_std", "n_folds"])
         writer.writerows(rows)
     print(f"\nsummary: {args.root / 'summary.json'}")
     return 0

@@ -19,18 +19,20 @@ def fake_result(fold, liver, spleen, copy):
 
 
 def test_folds_are_averaged_per_organ(tmp_path, capsys):
-    for fold, liver, spleen in ((0, 0.8, 0.4), (1, 0.6, 0.6)):
+    for fold, liver, spleen, copy in ((0, 0.8, 0.4, 0.3), (1, 0.6, 0.6, 0.5)):
         out = tmp_path / f"CHAOST2_setting1_fold{fold}_learned" / "results"
         out.mkdir(parents=True)
-        (out / "results.json").write_text(json.dumps(fake_result(fold, liver, spleen, 0.3)))
+        (out / "results.json").write_text(json.dumps(fake_result(fold, liver, spleen, copy)))
     assert load_summarize().main([str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     entry = summary["CHAOST2_setting1_learned"]
     assert entry["folds"] == [0, 1]
     assert abs(entry["classes"]["liver"]["dice_mean"] - 0.7) < 1e-12
-    assert abs(entry["classes"]["liver"]["dice_std"] - 0.1) < 1e-12
+    # sample standard deviation (ddof 1) of 0.8 and 0.6: sqrt(0.02), not the population 0.1
+    assert abs(entry["classes"]["liver"]["dice_std"] - 0.02 ** 0.5) < 1e-12
     assert abs(entry["classes"]["mean"]["dice_mean"] - 0.6) < 1e-12
-    assert entry["classes"]["spleen"]["copy_dice_mean"] == 0.3
+    assert abs(entry["classes"]["spleen"]["copy_dice_mean"] - 0.4) < 1e-12
+    assert abs(entry["classes"]["spleen"]["copy_dice_std"] - 0.02 ** 0.5) < 1e-12
     assert (tmp_path / "summary.csv").read_text().count("\n") == 1 + 3
     assert "liver" in capsys.readouterr().out
 
