@@ -83,7 +83,7 @@ if [ -z "${ARMS:-}" ]; then
     if [ "$seed" = "-" ]; then ARMS="$ARMS $fold:$arm"; else ARMS="$ARMS $fold:$arm:$seed"; fi
   done; done; done
 fi
-read -r -a arms <<< "$ARMS"
+read -r -d '' -a arms <<< "$ARMS" || true  # -d '': every line of a multi-line ARMS, not the first only
 for entry in "${arms[@]}"; do  # refuse a misspelt arm, or a method given twice, before anything starts
   IFS=: read -r fold arm seed <<< "$entry"
   checked=$(arm_name "$arm")

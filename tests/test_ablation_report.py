@@ -499,6 +499,11 @@ def test_ablation_script_keeps_arms_and_modes_and_refuses_unknown_arms(tmp_path)
     train = [line for line in done.stdout.splitlines() if line.startswith("train: ")]
     assert "eval_fold=0 model.method=dmap model.dmap_mode=learned resume=True" in train[0]
     assert "eval_fold=1 model.method=adnet seed=4 tag=seed4 resume=True" in train[1]
+    # an ARMS written over several lines keeps every line's arms
+    lines = dry_run(tmp_path, ARMS="0:learned 0:off:1\n    1:learned_st 2:qnet:2\n")
+    assert [line.split("== ")[1] for line in lines.stdout.splitlines() if line.startswith("== ")] == [
+        "CHAOST2_setting1_fold0_learned", "CHAOST2_setting1_fold0_off_seed1", "CHAOST2_setting1_fold1_learned_st",
+        "CHAOST2_setting1_fold2_qnet_seed2"]
     modes = dry_run(tmp_path, MODES="fixed off", FOLDS="3")
     assert [line.split("== ")[1] for line in modes.stdout.splitlines() if line.startswith("== ")] == [
         "CHAOST2_setting1_fold3_fixed", "CHAOST2_setting1_fold3_off"]
