@@ -241,7 +241,7 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list]]:
         arms = by_fold[fold]
         for r in sorted(runs_by_fold[fold], key=lambda r: (arm_order(r["mode"]), r["seed"] or 0)):
             last = "" if r["last_mean"] is None else r["last_mean"]
-            seed = [("" if r["seed"] is None else r["seed"])] if seeded else []
+            seed = [seed_name(r["seed"])] if seeded else []
             rows.append([fold, r["mode"], *seed, r["step"], *(r["model"][c] for c in classes), r["mean"], last,
                          r["precision"], r["recall"]])
         base = next(iter(arms.values()))
@@ -282,12 +282,13 @@ def arm_summary(records: list[dict]) -> list[dict]:
         minutes = [r["train_min"] for r in runs if r.get("train_min") is not None]
         out.append({"arm": mode, "n": len(runs), "folds": sorted({r["fold"] for r in runs}),
                     "seeds": sorted({r["seed"] for r in runs if r["seed"] is not None}),
+                    "config_seed": any(r["seed"] is None for r in runs),
                     "classes": {c: mean_std([r["model"][c] for r in runs]) for c in classes},
                     "mean": mean_std([r["mean"] for r in runs]),
                     "params": sorted({r["params"] for r in runs if r.get("params") is not None}),
                     "train_min": mean_std(minutes) if minutes else None})
     per_fold = {r["fold"]: r for r in records}
-    out.append({"arm": "copy-the-support", "n": len(per_fold), "folds": sorted(per_fold), "seeds": [],
+    out.append({"arm": "copy-the-support", "n": len(per_fold), "folds": sorted(per_fold), "seeds": [], "config_seed": False,
                 "classes": {c: mean_std([r["copy"][c] for r in per_fold.values()]) for c in classes},
                 "mean": mean_std([r["copy_mean"] for r in per_fold.values()]), "params": [], "train_min": None})
     return out
@@ -336,6 +337,16 @@ def paired_differences(records: list[dict], arm_a: str, arm_b: str) -> dict | No
             "mean": float(np.mean(diffs)), "ci": bootstrap_ci(diffs), "t_ci": t_ci(diffs)}
 
 
+def seed_name(seed: int | None) -> str | int:
+    """A run's seed as the tables print it: ``config`` for a run without a seed tag (the config's seed)."""
+    return "config" if seed is None else seed
+
+
+def seeds_cell(row: dict) -> str:
+    """The seeds of an ``arm_summary`` row, the config's seed first (``-`` for the baseline)."""
+    return " ".join((["config"] if row["config_seed"] else []) + [str(s) for s in row["seeds"]]) or "-"
+
+
 def summary_markdown(records: list[dict]) -> str:
     """``summary.md``: the per-arm table and the paired differences of every pair of arms."""
     classes = records[0]["classes"]
@@ -347,7 +358,7 @@ def summary_markdown(records: list[dict]) -> str:
         params = " / ".join(f"{p / 1e6:.2f}" for p in row["params"]) or "-"
         minutes = "-" if row["train_min"] is None else f"{row['train_min'][0]:.1f} +- {row['train_min'][1]:.1f}"
         lines.append(f"| {row['arm']} | {row['n']} | {' '.join(map(str, row['folds']))} | "
-                     f"{' '.join(map(str, row['seeds'])) or '-'} | " + " | ".join(cells) + f" | {m:.3f} +- {sd:.3f} |"
+                     f"{seeds_cell(row)} | " + " | ".join(cells) + f" | {m:.3f} +- {sd:.3f} |"
                      f" {params} | {minutes} |")
     modes = arms_of(records)
     pairs = [paired_differences(records, a, b) for i, a in enumerate(modes) for b in modes[i + 1:]]

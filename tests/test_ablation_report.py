@@ -302,6 +302,23 @@ def test_arm_summary_is_mean_and_sample_std_over_runs_and_baseline_over_folds():
     assert "| learned | 3 | 0 1 | 1 2 | 0.700 +- 0.200 | 0.700 +- 0.200 | 0.700 +- 0.100 |" in text and "| learned - off | +0.100 | n/a (one pair) | n/a (one pair) | 1 |" in text
 
 
+def test_config_seed_runs_are_named_config_beside_the_tagged_seeds():
+    report = load_report()
+    # the config's seed (no tag) and seed 1 on one fold: the arm has two seeds, not one
+    records = [_record("learned", 0, None, 0.64, (0.6, 0.7)), _record("learned", 0, 1, 0.66, (0.6, 0.7)),
+               _record("off", 0, None, 0.63, (0.6, 0.7)), _record("off", 0, 1, 0.63, (0.6, 0.7))]
+    for r in records:
+        r.update(step=3600, last_mean=None, precision=0.5, recall=0.5)
+    rows = {r["arm"]: r for r in report.arm_summary(records)}
+    assert rows["learned"]["config_seed"] and rows["learned"]["seeds"] == [1]
+    assert not rows["copy-the-support"]["config_seed"]
+    text = report.summary_markdown(records)
+    assert "| learned | 2 | 0 | config 1 |" in text and "| copy-the-support | 1 | 0 | - |" in text
+    _, table = report.table_rows(records)
+    assert [row[2] for row in table if row[1] == "learned"] == ["config", 1]
+    assert report.paired_differences(records, "learned", "off")["n"] == 2  # config with config, 1 with 1
+
+
 def test_seeded_run_folders_are_read_with_their_seed(tmp_path):
     report = load_report()
     copy = {"liver": 0.5, "spleen": 0.3}
