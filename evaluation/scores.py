@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["SCORES", "METHODS", "NAN_SCORES", "nanmean", "nanstd", "mean_scores", "summarize_supports"]
+__all__ = ["SCORES", "METHODS", "NAN_SCORES", "nanmean", "nanstd", "sample_std", "mean_scores", "summarize_supports"]
 
 SCORES = ("dice", "iou", "precision", "recall")
 #: the model and the copy-the-support baseline (each query slice predicted as its chunk's support mask)
@@ -35,6 +35,16 @@ def nanstd(values: Sequence[float]) -> float:
     """Population standard deviation over the defined values; NaN when none is defined."""
     defined = _defined(values)
     return float(np.std(defined)) if defined.size else math.nan
+
+
+def sample_std(values: Sequence[float]) -> float:
+    """Sample standard deviation (ddof 1), the spread over folds and seeds that every report gives.
+
+    Unlike :func:`nanstd` it keeps NaN (callers leave undefined values out first); 0 for one value, NaN for
+    none.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.std(values, ddof=1)) if values.size > 1 else 0.0 if values.size else math.nan
 
 
 def mean_scores(rows: Sequence[dict[str, float]]) -> dict[str, float]:

@@ -47,6 +47,10 @@ from typing import Any, Mapping
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from evaluation.scores import sample_std  # noqa: E402
+
 MODES = ("learned", "learned_st", "fixed", "off")  # DMAP's arms: model.dmap_mode
 METHOD_ARMS = ("adnet", "qnet", "alpnet")  # the other methods' arms: model.method
 ARMS = (*MODES, *METHOD_ARMS)  # the order of arms in tables and pictures
@@ -127,8 +131,6 @@ def model_parameters(model: Mapping[str, Any]) -> int | None:
     """
     key = json.dumps(model, sort_keys=True, default=str)
     if key not in _PARAMETER_CACHE:
-        if str(REPO_ROOT) not in sys.path:
-            sys.path.insert(0, str(REPO_ROOT))
         try:
             from models.fewshot import FewShotSeg, trainable_parameter_count
 
@@ -262,9 +264,8 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list]]:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
-    values = np.asarray(values, dtype=float)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    """Mean and sample standard deviation (``evaluation.scores.sample_std``; 0 for a single value)."""
+    return float(np.mean(values)), sample_std(values)
 
 
 def arm_summary(records: list[dict]) -> list[dict]:
@@ -281,14 +282,14 @@ def arm_summary(records: list[dict]) -> list[dict]:
         runs = [r for r in records if r["mode"] == mode]
         minutes = [r["train_min"] for r in runs if r.get("train_min") is not None]
         out.append({"arm": mode, "n": len(runs), "folds": sorted({r["fold"] for r in runs}),
-                    "seeds": sorted({r["seed"] for r in runs if r["seed"] is not None}),
-                    "config_seed": any(r["seed"] is None for r in runs),
+                    # the config's seed (None) first
+                    "seeds": sorted({r["seed"] for r in runs}, key=lambda seed: -1 if seed is None else seed),
                     "classes": {c: mean_std([r["model"][c] for r in runs]) for c in classes},
                     "mean": mean_std([r["mean"] for r in runs]),
                     "params": sorted({r["params"] for r in runs if r.get("params") is not None}),
                     "train_min": mean_std(minutes) if minutes else None})
     per_fold = {r["fold"]: r for r in records}
-    out.append({"arm": "copy-the-support", "n": len(per_fold), "folds": sorted(per_fold), "seeds": [], "config_seed": False,
+    out.append({"arm": "copy-the-support", "n": len(per_fold), "folds": sorted(per_fold), "seeds": [],
                 "classes": {c: mean_std([r["copy"][c] for r in per_fold.values()]) for c in classes},
                 "mean": mean_std([r["copy_mean"] for r in per_fold.values()]), "params": [], "train_min": None})
     return out
@@ -343,8 +344,8 @@ def seed_name(seed: int | None) -> str | int:
 
 
 def seeds_cell(row: dict) -> str:
-    """The seeds of an ``arm_summary`` row, the config's seed first (``-`` for the baseline)."""
-    return " ".join((["config"] if row["config_seed"] else []) + [str(s) for s in row["seeds"]]) or "-"
+    """The seeds of an ``arm_summary`` row as the summary prints them (``-`` for the baseline)."""
+    return " ".join(str(seed_name(seed)) for seed in row["seeds"]) or "-"
 
 
 def summary_markdown(records: list[dict]) -> str:

@@ -27,6 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from config import format_differences, training_differences  # noqa: E402
+from evaluation.scores import sample_std  # noqa: E402
 
 FOLD_PATTERN = re.compile(r"_fold\d+")
 
@@ -45,12 +46,9 @@ def collect(root: Path) -> dict[str, list[dict]]:
 
 
 def summarize_group(results: list[dict]) -> dict:
-    """Mean and sample standard deviation (ddof 1, as ``script/ablation_report.py``; 0 for one fold) over folds
-    of each class's Dice (model and copy baseline)."""
+    """Mean and sample standard deviation (``evaluation.scores.sample_std``; 0 for one fold) over folds of
+    each class's Dice (model and copy baseline)."""
     names = list(results[0]["classes"])
-    def sample_std(values: np.ndarray) -> float:
-        return float(np.std(values, ddof=1)) if values.size > 1 else 0.0 if values.size else float("nan")
-
     table = {}
     for name in names + ["mean"]:
         picks = [r["mean"] for r in results] if name == "mean" else [r["classes"][name] for r in results

@@ -310,8 +310,8 @@ def test_config_seed_runs_are_named_config_beside_the_tagged_seeds():
     for r in records:
         r.update(step=3600, last_mean=None, precision=0.5, recall=0.5)
     rows = {r["arm"]: r for r in report.arm_summary(records)}
-    assert rows["learned"]["config_seed"] and rows["learned"]["seeds"] == [1]
-    assert not rows["copy-the-support"]["config_seed"]
+    assert rows["learned"]["seeds"] == [None, 1]  # None: the config's seed
+    assert rows["copy-the-support"]["seeds"] == []
     text = report.summary_markdown(records)
     assert "| learned | 2 | 0 | config 1 |" in text and "| copy-the-support | 1 | 0 | - |" in text
     _, table = report.table_rows(records)

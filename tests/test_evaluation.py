@@ -226,10 +226,13 @@ def test_summarize_skips_undefined_folds():
 
 
 def test_means_and_spread_over_supports_by_hand():
-    from evaluation.scores import nanmean, nanstd, summarize_supports
+    from evaluation.scores import nanmean, nanstd, sample_std, summarize_supports
 
     assert nanmean([0.2, math.nan, 0.6]) == pytest.approx(0.4) and math.isnan(nanmean([math.nan]))
     assert nanstd([0.2, math.nan, 0.6]) == pytest.approx(0.2) and math.isnan(nanstd([]))
+    # over folds and seeds: ddof 1, sqrt(((0.2 - 0.4)^2 + (0.6 - 0.4)^2) / 1)
+    assert sample_std([0.2, 0.6]) == pytest.approx(0.08 ** 0.5) and sample_std([0.7]) == 0.0
+    assert math.isnan(sample_std([]))
 
     def scores(dice, recall):
         return {"dice": dice, "iou": dice / 2, "precision": 1.0, "recall": recall}
