@@ -479,6 +479,19 @@ def dry_run(tmp_path, *words, **env):
                           capture_output=True, text=True, timeout=60)
 
 
+def test_a_dash_in_seeds_is_the_configs_seed_beside_the_tagged_seeds(tmp_path):
+    done = dry_run(tmp_path, "cpu", MODES="learned off", FOLDS="0 1", SEEDS="- 2")
+    assert done.returncode == 0, done.stderr
+    names = [line[3:] for line in done.stdout.splitlines() if line.startswith("== ")]
+    assert names == ["CHAOST2_setting1_fold0_learned", "CHAOST2_setting1_fold0_off", "CHAOST2_setting1_fold1_learned",
+                     "CHAOST2_setting1_fold1_off", "CHAOST2_setting1_fold0_learned_seed2",
+                     "CHAOST2_setting1_fold0_off_seed2", "CHAOST2_setting1_fold1_learned_seed2",
+                     "CHAOST2_setting1_fold1_off_seed2"]
+    train = [line.split() for line in done.stdout.splitlines() if line.startswith("train: ")]
+    assert not any(w.startswith(("seed=", "tag=")) for w in train[0]), "the config's seed must stay untagged"
+    assert "seed=2" in train[4] and "tag=seed2" in train[4]
+
+
 def test_ablation_script_sweeps_methods_folds_and_seeds_in_a_dry_run(tmp_path):
     done = dry_run(tmp_path, "cpu", METHODS="dmap:learned dmap:off adnet qnet alpnet", FOLDS="0 1 2", SEEDS="1 2 3")
     assert done.returncode == 0, done.stderr
