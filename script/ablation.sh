@@ -22,7 +22,8 @@
 # else the arms, each dmap:<mode>, dmap (= dmap:learned), a DMAP mode or adnet|qnet|alpnet), SEEDS (unset:
 # the config's seed, run folders without a seed suffix; else each arm once per seed, in folders ending
 # _seed<k>; a - among them is the config's seed: SEEDS="- 1 2"), ARMS (every FOLDS x arms pair as
-# fold:arm, or fold:arm:seed triples; arm as in METHODS but without the dmap: prefix), LOG_DIR (runs/ablation), PARALLEL (1: arms one after another with all cores;
+# fold:arm, or fold:arm:seed triples; arm as in METHODS but without the dmap: prefix), LOG_DIR
+# (runs/ablation), PARALLEL (1: arms one after another with all cores;
 # N: N lanes of arms side by side, lane k pinned to core k with nproc/N threads; THREADS overrides the
 # thread count), RAW_TOO (1: also score the raw weights of runs that keep averaged ones), EVAL_LAST (N:
 # evaluate only the N latest step snapshots beside the final weights; 2 gives the last-three mean),
