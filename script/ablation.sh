@@ -29,7 +29,8 @@
 # evaluate only the N latest step snapshots beside the final weights; 2 gives the last-three mean),
 # TIME_LIMIT_MIN (minutes for the whole sweep, decimals allowed: each arm trains with what is left as
 # time_limit_min and saves its step; an arm stopped by it is not evaluated, and arms after the budget is
-# spent do not start; the same command later continues them), DRY_RUN (1: print
+# spent do not start; the same command later continues them), EARLIER (an earlier report's ablation.csv
+# whose runs join the tables: ablation_report.py --earlier), DRY_RUN (1: print
 # each arm's training and evaluation command, run nothing, write no report), PYTHON (python).
 # Run folders are named by config.experiment_name: ..._fold<f>_<mode> for DMAP, ..._fold<f>_<method> else.
 # Finished arms are not retrained (resume=True) and evaluated snapshots are not re-evaluated, so the script
@@ -164,9 +165,9 @@ if [ -s "$LOG_DIR/logs/unfinished" ]; then
        "command again to continue them"
   # the report covers the arms evaluated so far; exit 2 means none is yet
   report_status=0
-  "$PYTHON" script/ablation_report.py "$LOG_DIR" || report_status=$?
+  "$PYTHON" script/ablation_report.py "$LOG_DIR" ${EARLIER:+--earlier "$EARLIER"} || report_status=$?
   [ "$report_status" -eq 0 ] || [ "$report_status" -eq 2 ] || exit "$report_status"
   exit 0
 fi
-"$PYTHON" script/ablation_report.py "$LOG_DIR"
+"$PYTHON" script/ablation_report.py "$LOG_DIR" ${EARLIER:+--earlier "$EARLIER"}
 echo "ablation finished in $(( $(date +%s) - start )) s; table and pictures in $LOG_DIR"

@@ -1,6 +1,14 @@
 """Table and pictures of an ablation or a comparison of methods (``script/ablation.sh``).
 
     python script/ablation_report.py runs/ablation
+    python script/ablation_report.py runs/r5 --earlier docs/evidence/step_average/ablation.csv
+
+``--earlier`` adds the runs of an earlier report's ``ablation.csv`` (same recipe and evaluation, run folders
+no longer at hand, e.g. made on another machine) to the tables and paired differences: its rows carry each
+run's Dice, steps, last-three mean, precision and recall and each fold's copy-the-support baseline, but no
+curves, parameters or training time, so the pictures, ``dice_by_step.md`` and those two columns cover only
+the run folders. A run folder replaces an earlier row of the same (fold, arm, seed); a fold whose baseline
+differs between the sources (another support or evaluation) is refused.
 
 Reads every ``<dataset>_setting<s>_fold<f>_<arm>[_<recipe>][_seed<k>]`` run below the folder (the folder
 names of ``config.experiment_name``): ``results/results.json`` (the final weights),
@@ -196,6 +204,92 @@ def collect(root: Path, parameters: bool = True) -> list[dict]:
     return records
 
 
+class EarlierTableError(ValueError):
+    """An ``--earlier`` table that cannot be read or does not match the run folders' evaluation."""
+
+
+BASELINE_TOLERANCE = 5e-4  # the CSV rounds to 4 decimals: the same evaluation agrees to within its rounding
+
+
+def read_earlier(path: Path) -> list[dict]:
+    """Records (as :func:`collect` makes them, without run folder, curves, parameters or time) from the
+    per-run rows of an earlier report's ``ablation.csv``; the copy-the-support row of each fold gives its
+    runs' baseline. Rows of means over folds are skipped.
+
+    Raises:
+        EarlierTableError: the file is missing, lacks a column, has a run without its fold's baseline or a
+            value that is not a number.
+    """
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+            header = rows[0].keys() if rows else []
+    except OSError as exc:
+        raise EarlierTableError(f"--earlier {path}: cannot read ({exc.strerror})") from None
+    needed = ("fold", "arm", "steps", "mean", "precision", "recall")
+    missing = [c for c in needed if c not in header]
+    if not rows or missing:
+        raise EarlierTableError(f"--earlier {path}: expected an ablation.csv with columns {', '.join(needed)}, "
+                                f"the classes and 'mean of last {LAST_N} checkpoints'"
+                                + (f"; missing {', '.join(missing)}" if missing else "; it has no rows"))
+    names = list(header)
+    classes = names[names.index("steps") + 1:names.index("mean")]
+    last_key = f"mean of last {LAST_N} checkpoints"
+    try:
+        baselines = {int(r["fold"]): {c: float(r[c]) for c in classes} | {"_mean": float(r["mean"])}
+                     for r in rows if r["arm"] == "copy-the-support" and r["fold"].isdigit()}
+        records = []
+        for r in rows:
+            if not r["fold"].isdigit() or r["arm"] == "copy-the-support":
+                continue  # "mean of N folds" rows
+            fold = int(r["fold"])
+            if fold not in baselines:
+                raise EarlierTableError(f"--earlier {path}: fold {fold} has runs but no copy-the-support row")
+            copy = dict(baselines[fold])
+            copy_mean = copy.pop("_mean")
+            seed = r.get("seed") or "config"
+            records.append({
+                "run": None, "source": str(path), "dataset": None, "setting": None, "fold": fold,
+                "mode": r["arm"], "classes": classes, "seed": None if seed == "config" else int(seed),
+                "model": {c: float(r[c]) for c in classes}, "copy": copy, "mean": float(r["mean"]),
+                "copy_mean": copy_mean, "precision": float(r["precision"]), "recall": float(r["recall"]),
+                "support_id": None, "snapshots": [], "step": int(r["steps"]), "raw_snapshots": [],
+                "weights": None, "recalls": {}, "raw_recalls": {},
+                "last_mean": float(r[last_key]) if r.get(last_key) else None,
+                "method": "dmap" if r["arm"] in MODES else r["arm"], "debiased": debiases(None, r["arm"]),
+                "params": None, "train_min": None})
+    except ValueError as exc:
+        if isinstance(exc, EarlierTableError):
+            raise
+        raise EarlierTableError(f"--earlier {path}: a value is not a number ({exc})") from None
+    return records
+
+
+def merge_earlier(records: list[dict], earlier: list[dict]) -> list[dict]:
+    """The run-folder ``records`` and the ``earlier`` ones of (fold, arm, seed) that no run folder has.
+
+    Raises:
+        EarlierTableError: the classes differ, or a fold's copy-the-support baseline differs between the
+            sources by more than the CSV's rounding (the runs were not evaluated alike).
+    """
+    merged = list(records)
+    have = {(r["fold"], r["mode"], r["seed"]) for r in records}
+    baseline = {r["fold"]: (r["copy_mean"], r.get("source") or str(r["run"])) for r in records}
+    for rec in earlier:
+        if merged and rec["classes"] != merged[0]["classes"]:
+            raise EarlierTableError(f"--earlier {rec['source']}: classes {', '.join(rec['classes'])}, expected "
+                                    f"{', '.join(merged[0]['classes'])}")
+        known = baseline.setdefault(rec["fold"], (rec["copy_mean"], rec["source"]))
+        if abs(known[0] - rec["copy_mean"]) > BASELINE_TOLERANCE:
+            raise EarlierTableError(f"--earlier {rec['source']}: fold {rec['fold']}'s copy-the-support Dice is "
+                                    f"{rec['copy_mean']:.4f}, {known[0]:.4f} in {known[1]}: not the same "
+                                    "evaluation")
+        if (rec["fold"], rec["mode"], rec["seed"]) not in have:
+            have.add((rec["fold"], rec["mode"], rec["seed"]))
+            merged.append(rec)
+    return merged
+
+
 def snapshot_curve(run: Path, suffix: str, final: dict | None,
                    last: int | None) -> tuple[list[tuple[int, float]], dict[int, float]]:
     """(step, mean Dice) of ``snapshot_results<suffix>/step_<n>`` and of the final weights' results, and
@@ -377,6 +471,12 @@ def summary_markdown(records: list[dict]) -> str:
         for p in pairs:
             lines.append(f"| {p['a']} - {p['b']} | {p['mean']:+.3f} | {interval(p['ci'])} | {interval(p['t_ci'])} |"
                          f" {p['n']} |")
+    earlier = sorted({r["source"] for r in records if r["run"] is None})
+    if earlier:
+        n = sum(r["run"] is None for r in records)
+        lines += ["", f"{n} of the {len(records)} runs come from earlier tables ({', '.join(earlier)}); those "
+                      "tables hold no parameters or training times, so these two columns cover the run folders "
+                      "only."]
     return "\n".join(lines) + "\n"
 
 
@@ -401,6 +501,7 @@ def dice_by_step_markdown(records: list[dict]) -> str:
              f"{LAST_N} evaluated checkpoints.", "",
              "| run | weights | final | mean of last 3 | lowest of last 3 | final - mean of last 3 |",
              "|---|---|---|---|---|---|"]
+    records = [r for r in records if r["run"] is not None]  # earlier tables carry no curves
     for rec in records:
         curves = [(rec["weights"], rec["snapshots"])]
         if rec["raw_snapshots"] and rec["weights"] != "raw":
@@ -462,9 +563,9 @@ def plot(records: list[dict], root: Path) -> list[Path]:
     colours = dict(COLOURS)
     for arm in arms_of(records):
         colours.setdefault(arm, next(spare))
-    for fold in sorted({r["fold"] for r in records}):
+    for fold in sorted({r["fold"] for r in records if r["run"] is not None}):
         fig, axes = plt.subplots(1, len(CURVES), figsize=(4.3 * len(CURVES), 3.4))
-        for rec in (r for r in records if r["fold"] == fold):
+        for rec in (r for r in records if r["fold"] == fold and r["run"] is not None):
             metrics = train_metrics(rec["run"])
             for ax, (name, title) in zip(axes, CURVES):
                 if name not in metrics:
@@ -519,12 +620,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="the ablation's log folder")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--earlier", type=Path, action="append", default=[], metavar="CSV",
+                        help="an earlier report's ablation.csv whose runs join the tables (repeatable)")
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         print(f"error: {args.root} is not a folder", file=sys.stderr)
         return 2
     records = collect(args.root)
-    if not records:
+    try:
+        for path in args.earlier:
+            records = merge_earlier(records, read_earlier(path))
+    except EarlierTableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not any(r["run"] is not None for r in records):
         print(f"error: no evaluated run (<dataset>_setting<s>_fold<f>_<arm>/results/results.json) in {args.root}",
               file=sys.stderr)
         return 2

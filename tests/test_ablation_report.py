@@ -578,3 +578,59 @@ def test_dice_by_step_gives_stability_and_every_step_of_averaged_and_raw_weights
     assert "| fold 0 learned | 200 | 0.500, averaged | - |" in text  # no recall recorded at this step
     assert "| fold 0 learned | 300 | 0.600 (recall 0.50), averaged | 0.700 |" in text
     assert "| fold 1 off seed 2 | 300 | 0.300, raw | - |" in text
+
+
+EARLIER_HEADER = "fold,arm,seed,steps,liver,spleen,mean,mean of last 3 checkpoints,precision,recall\n"
+
+
+def test_an_earlier_table_adds_its_runs_and_a_run_folder_wins_over_its_row(ablation, tmp_path, capsys):
+    report = load_report()
+    earlier = tmp_path / "earlier.csv"
+    earlier.write_text(EARLIER_HEADER
+                       + "0,learned,config,300,0.9,0.9,0.9,,0.1,0.1\n"  # the run folder of fold 0 learned wins
+                       + "0,off,config,300,0.4,0.2,0.3,0.35,0.2,0.6\n"
+                       + "0,off,1,300,0.1,0.1,0.1,,0.2,0.6\n"
+                       + "0,copy-the-support,,,0.5,0.3,0.4,,,\n"
+                       + "mean of 2 folds (0 1),learned,,,0.1,0.1,0.1,,,\n")
+    records = report.merge_earlier(report.collect(ablation), report.read_earlier(earlier))
+    runs = {(r["fold"], r["mode"], r["seed"]): r for r in records}
+    assert len(records) == 5  # 3 run folders + off (config) + off (seed 1); the means row is skipped
+    assert runs[(0, "learned", None)]["mean"] == pytest.approx(0.5)  # the folder's 0.5, not the row's 0.9
+    off = runs[(0, "off", None)]
+    assert (off["mean"], off["last_mean"], off["step"], off["copy_mean"]) == (0.3, 0.35, 300, 0.4)
+    assert off["model"] == {"liver": 0.4, "spleen": 0.2} and off["copy"] == {"liver": 0.5, "spleen": 0.3}
+    assert runs[(0, "off", 1)]["last_mean"] is None
+    pair = report.paired_differences(records, "learned", "off")
+    assert pair["n"] == 1 and pair["mean"] == pytest.approx(0.5 - 0.3)  # fold 0, config seed only
+
+    assert report.main([str(ablation), "--earlier", str(earlier), "--no-plots"]) == 0
+    summary = (ablation / "summary.md").read_text()
+    assert "| learned - off | +0.200 |" in summary
+    assert f"2 of the 5 runs come from earlier tables ({earlier})" in summary
+    by_step = (ablation / "dice_by_step.md").read_text()
+    assert "fold 0 off" not in by_step  # no curve in a table
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("text, message", [
+    (EARLIER_HEADER + "0,off,config,300,0.4,0.2,0.3,,0.2,0.6\n0,copy-the-support,,,0.5,0.3,0.41,,,\n",
+     "fold 0's copy-the-support Dice is 0.4100, 0.4000 in"),
+    (EARLIER_HEADER + "1,off,config,300,0.4,0.2,0.3,,0.2,0.6\n", "fold 1 has runs but no copy-the-support row"),
+    ("fold,arm,steps,liver,spleen\n0,off,300,0.4,0.2\n", "missing mean, precision, recall"),
+    (EARLIER_HEADER + "0,off,config,300,0.4,high,0.3,,0.2,0.6\n0,copy-the-support,,,0.5,0.3,0.4,,,\n",
+     "a value is not a number"),
+])
+def test_an_earlier_table_that_does_not_fit_is_a_one_line_error(ablation, tmp_path, capsys, text, message):
+    report = load_report()
+    earlier = tmp_path / "earlier.csv"
+    earlier.write_text(text)
+    assert report.main([str(ablation), "--earlier", str(earlier), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(earlier) in err and err.count("\n") == 1
+
+
+def test_a_missing_earlier_table_is_a_one_line_error(ablation, tmp_path, capsys):
+    report = load_report()
+    assert report.main([str(ablation), "--earlier", str(tmp_path / "none.csv"), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "none.csv: cannot read" in err and err.count("\n") == 1
