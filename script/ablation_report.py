@@ -471,13 +471,18 @@ def summary_markdown(records: list[dict]) -> str:
         for p in pairs:
             lines.append(f"| {p['a']} - {p['b']} | {p['mean']:+.3f} | {interval(p['ci'])} | {interval(p['t_ci'])} |"
                          f" {p['n']} |")
-    earlier = sorted({r["source"] for r in records if r["run"] is None})
+    earlier = sorted({r["source"] for r in records if from_earlier(r)})
     if earlier:
-        n = sum(r["run"] is None for r in records)
+        n = sum(from_earlier(r) for r in records)
         lines += ["", f"{n} of the {len(records)} runs come from earlier tables ({', '.join(earlier)}); those "
                       "tables hold no parameters or training times, so these two columns cover the run folders "
                       "only."]
     return "\n".join(lines) + "\n"
+
+
+def from_earlier(rec: dict) -> bool:
+    """Whether a record was read from an earlier report's table (it has no run folder, curves or timings)."""
+    return rec.get("source") is not None
 
 
 def stability(curve: list[tuple[int, float]], n: int = LAST_N) -> dict | None:
@@ -501,7 +506,7 @@ def dice_by_step_markdown(records: list[dict]) -> str:
              f"{LAST_N} evaluated checkpoints.", "",
              "| run | weights | final | mean of last 3 | lowest of last 3 | final - mean of last 3 |",
              "|---|---|---|---|---|---|"]
-    records = [r for r in records if r["run"] is not None]  # earlier tables carry no curves
+    records = [r for r in records if not from_earlier(r)]  # earlier tables carry no curves
     for rec in records:
         curves = [(rec["weights"], rec["snapshots"])]
         if rec["raw_snapshots"] and rec["weights"] != "raw":
@@ -563,9 +568,9 @@ def plot(records: list[dict], root: Path) -> list[Path]:
     colours = dict(COLOURS)
     for arm in arms_of(records):
         colours.setdefault(arm, next(spare))
-    for fold in sorted({r["fold"] for r in records if r["run"] is not None}):
+    for fold in sorted({r["fold"] for r in records if not from_earlier(r)}):
         fig, axes = plt.subplots(1, len(CURVES), figsize=(4.3 * len(CURVES), 3.4))
-        for rec in (r for r in records if r["fold"] == fold and r["run"] is not None):
+        for rec in (r for r in records if r["fold"] == fold and not from_earlier(r)):
             metrics = train_metrics(rec["run"])
             for ax, (name, title) in zip(axes, CURVES):
                 if name not in metrics:
@@ -633,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     except EarlierTableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not any(r["run"] is not None for r in records):
+    if not any(not from_earlier(r) for r in records):
         print(f"error: no evaluated run (<dataset>_setting<s>_fold<f>_<arm>/results/results.json) in {args.root}",
               file=sys.stderr)
         return 2
