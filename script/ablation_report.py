@@ -265,6 +265,11 @@ def read_earlier(path: Path) -> list[dict]:
     return records
 
 
+def from_earlier(rec: dict) -> bool:
+    """Whether a record was read from an earlier report's table (it has no run folder, curves or timings)."""
+    return rec.get("source") is not None
+
+
 def merge_earlier(records: list[dict], earlier: list[dict]) -> list[dict]:
     """The run-folder ``records`` and the ``earlier`` ones of (fold, arm, seed) that no run folder has.
 
@@ -478,11 +483,6 @@ def summary_markdown(records: list[dict]) -> str:
                       "tables hold no parameters or training times, so these two columns cover the run folders "
                       "only."]
     return "\n".join(lines) + "\n"
-
-
-def from_earlier(rec: dict) -> bool:
-    """Whether a record was read from an earlier report's table (it has no run folder, curves or timings)."""
-    return rec.get("source") is not None
 
 
 def stability(curve: list[tuple[int, float]], n: int = LAST_N) -> dict | None:
