@@ -118,6 +118,14 @@ def arm_name(model: Mapping[str, Any], fallback: str | None = None) -> str | Non
     return fallback if mode is None else str(mode)
 
 
+def method_of(model: Mapping[str, Any] | None, arm: str) -> str:
+    """The method of a run: its ``model`` config sub-dict's ``method`` (default ``dmap``); from the arm
+    without a config (a DMAP mode is ``dmap``, any other arm names its method)."""
+    if isinstance(model, Mapping):
+        return model.get("method") or "dmap"
+    return "dmap" if arm in MODES else arm
+
+
 def debiases(model: Mapping[str, Any] | None, arm: str) -> bool:
     """Whether a run de-biases its prototype (logs a real threshold xi and kept fraction): ``dmap`` pooling
     (the DMAP method's, or a component switched to it) outside mode ``off``; from the arm without a config."""
@@ -196,7 +204,7 @@ def collect(root: Path, parameters: bool = True) -> list[dict]:
             "raw_snapshots": sorted(raw_snapshots), "weights": summary.get("weights", "raw"),
             "recalls": recalls, "raw_recalls": raw_recalls,
             "last_mean": last_n_mean(sorted(snapshots)),
-            "method": (model.get("method") or "dmap") if model else ("dmap" if mode in MODES else mode),
+            "method": method_of(model, mode),
             "debiased": debiases(model, mode),
             "params": model_parameters(model) if parameters and model else None,
             "train_min": training_minutes(run),
@@ -204,7 +212,7 @@ def collect(root: Path, parameters: bool = True) -> list[dict]:
     return records
 
 
-class EarlierTableError(ValueError):
+class EarlierTableError(Exception):
     """An ``--earlier`` table that cannot be read or does not match the run folders' evaluation."""
 
 
@@ -256,11 +264,9 @@ def read_earlier(path: Path) -> list[dict]:
                 "support_id": None, "snapshots": [], "step": int(r["steps"]), "raw_snapshots": [],
                 "weights": None, "recalls": {}, "raw_recalls": {},
                 "last_mean": float(r[last_key]) if r.get(last_key) else None,
-                "method": "dmap" if r["arm"] in MODES else r["arm"], "debiased": debiases(None, r["arm"]),
+                "method": method_of(None, r["arm"]), "debiased": debiases(None, r["arm"]),
                 "params": None, "train_min": None})
     except ValueError as exc:
-        if isinstance(exc, EarlierTableError):
-            raise
         raise EarlierTableError(f"--earlier {path}: a value is not a number ({exc})") from None
     return records
 
