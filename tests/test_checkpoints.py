@@ -41,6 +41,18 @@ def test_latest_checkpoint_prefers_final_then_highest_step(tmp_path):
     assert latest_checkpoint(tmp_path).name == step_checkpoint_name(10)
     save_checkpoint({"step": 12}, tmp_path / "final.pth")
     assert latest_checkpoint(tmp_path).name == "final.pth"
+    save_checkpoint({"step": 10}, tmp_path / "final.pth")  # as many steps as the newest snapshot: final
+    assert latest_checkpoint(tmp_path).name == "final.pth"
+
+
+def test_latest_checkpoint_skips_a_final_left_by_an_earlier_time_limit_stop(tmp_path):
+    # a time-limited stop at step 5 wrote step 5 and final; the resumed run saved step 10, then was killed
+    save_checkpoint({"step": 5}, tmp_path / step_checkpoint_name(5))
+    save_checkpoint({"step": 5}, tmp_path / "final.pth")
+    save_checkpoint({"step": 10}, tmp_path / step_checkpoint_name(10))
+    assert latest_checkpoint(tmp_path).name == step_checkpoint_name(10)
+    save_checkpoint({"step": 3600}, tmp_path / "final.pth")
+    assert latest_checkpoint(tmp_path).name == "final.pth"
 
 
 def test_load_errors_name_the_file(tmp_path):

@@ -80,15 +80,24 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def latest_checkpoint(snapshot_dir: str | os.PathLike) -> Path | None:
-    """The snapshot with the most completed steps in ``snapshot_dir`` (``final.pth`` wins), or None."""
+    """The checkpoint with the most completed steps in ``snapshot_dir``, or None when it holds none.
+
+    ``final.pth`` wins over step snapshots of as many steps or fewer. A ``final.pth`` with fewer steps than
+    the newest step snapshot is the one a ``time_limit_min`` stop wrote before the resumed run went on
+    (and was then interrupted): resuming from it would throw the later steps away.
+    """
     snapshot_dir = Path(snapshot_dir)
     if not snapshot_dir.is_dir():
         return None
-    final = snapshot_dir / FINAL_NAME
-    if final.is_file():
-        return final
     steps = sorted(snapshot_dir.glob(f"{STEP_PREFIX}*.pth"))
-    return steps[-1] if steps else None
+    final = snapshot_dir / FINAL_NAME
+    if not final.is_file():
+        return steps[-1] if steps else None
+    if not steps:
+        return final
+    final_step = load_checkpoint(final, mmap=True).get("step")
+    newest_step = int(steps[-1].stem[len(STEP_PREFIX):])
+    return steps[-1] if isinstance(final_step, int) and final_step < newest_step else final
 
 
 def weights_entry(state: dict[str, Any]) -> str | None:
