@@ -33,7 +33,8 @@ Writes into the folder:
   95 % Student-t interval and the number of pairs (with few pairs the percentile bootstrap cannot reach
   beyond the observed differences and is too narrow; the t interval is the honest one there);
 - ``curves_fold<f>.png``: training loss (moving average), threshold xi and kept fraction of support pixels
-  (arms that de-bias only) and predicted foreground fraction against step, one line per arm;
+  (arms that de-bias only), predicted foreground fraction and the probability offset (mean tau, or ADNet's
+  learned T) against step, one line per arm;
 - ``dice_by_step.md``: per run, how still its end is (final mean Dice, the mean and the lowest of the last
   three checkpoints, final minus that mean; for the raw weights too when ``RAW_TOO=1`` scored them) and the
   mean Dice (and recall) at every evaluated step;
@@ -69,7 +70,10 @@ SEED_TAG = re.compile(r"_seed(?P<seed>\d+)$")
 DEBIASED_CURVES = ("xi", "kept_fraction")  # logged as -1 and 1 by arms without de-biasing: not drawn for them
 CURVES = (("loss", "training loss (moving average of 10 logs)"), ("xi", "threshold xi (de-biasing arms)"),
           ("kept_fraction", "kept fraction of support pixels (moving average)"),
-          ("pred_fg_fraction", "predicted foreground fraction of the query (moving average)"))
+          ("pred_fg_fraction", "predicted foreground fraction of the query (moving average)"),
+          ("offset", "probability offset: tau (query mean) or ADNet's T"))
+# the "offset" curve: the scalar a run logs for the offset of its foreground probability, first found wins
+OFFSET_SCALARS = ("threshold", "tau")
 COLOURS = {"learned": "tab:blue", "learned_st": "tab:purple", "fixed": "tab:orange", "off": "tab:green",
            "adnet": "tab:red", "qnet": "tab:brown", "alpnet": "tab:pink"}
 LAST_N = 3  # the table also gives the mean Dice of the last LAST_N evaluated checkpoints: one snapshot is noisy
@@ -95,6 +99,15 @@ def train_metrics(run: Path) -> dict[str, tuple[list[int], list[float]]]:
         for name, series in read_json(path).items():
             merged[name].update(zip(series["steps"], series["values"]))
     return {name: (sorted(v), [v[s] for s in sorted(v)]) for name, v in merged.items()}
+
+
+def offset_series(metrics: Mapping[str, tuple[list[int], list[float]]]) -> tuple[list[int], list[float]] | None:
+    """The offset of the foreground probability a run logged (:data:`OFFSET_SCALARS`): ADNet's learned scalar
+    T (``threshold``), else the batch mean of the per-query tau; None for a run with neither (ALPNet).
+
+    Both run away to large negative values in an all-background collapse, so the curve shows it coming.
+    """
+    return next((metrics[name] for name in OFFSET_SCALARS if name in metrics), None)
 
 
 def arm_order(arm: str) -> tuple[int, str]:
@@ -579,12 +592,13 @@ def plot(records: list[dict], root: Path) -> list[Path]:
         for rec in (r for r in records if r["fold"] == fold and not from_earlier(r)):
             metrics = train_metrics(rec["run"])
             for ax, (name, title) in zip(axes, CURVES):
-                if name not in metrics:
+                series = offset_series(metrics) if name == "offset" else metrics.get(name)
+                if series is None:
                     continue
                 if name in DEBIASED_CURVES and not rec.get("debiased", True):
                     continue  # no de-biasing: xi is the sentinel -1 and every support pixel is kept
-                steps, values = metrics[name]
-                if name != "xi":
+                steps, values = series
+                if name not in ("xi", "offset"):
                     values = moving_average(values)
                     steps = steps[len(steps) - len(values):]
                 label = rec["mode"] if rec["seed"] is None else f"{rec['mode']} seed {rec['seed']}"

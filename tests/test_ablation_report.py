@@ -417,6 +417,14 @@ def test_methods_without_de_biasing_scalars_are_plotted(two_methods, monkeypatch
     assert "| adnet |" in (root / "summary.md").read_text()
 
 
+def test_the_offset_curve_is_adnets_threshold_else_tau_else_absent():
+    report = load_report()
+    tau, threshold = ([20, 40], [-3.0, -4.0]), ([20, 40], [-10.5, -11.0])
+    assert report.offset_series({"tau": tau, "loss": ([20], [1.0])}) == tau
+    assert report.offset_series({"tau": tau, "threshold": threshold}) == threshold
+    assert report.offset_series({"loss": ([20], [1.0])}) is None  # ALPNet logs neither
+
+
 def test_the_arm_comes_from_the_recorded_method_else_from_the_folder(tmp_path):
     report = load_report()
     assert report.arm_name({"method": "qnet", "dmap_mode": "learned"}) == "qnet"
