@@ -2,6 +2,7 @@
 
     python script/ablation_report.py runs/ablation
     python script/ablation_report.py runs/r5 --earlier docs/evidence/step_average/ablation.csv
+    python script/ablation_report.py runs/r5 --folds 0 1 2 --seeds config --out runs/r5/equal_footing
 
 ``--earlier`` adds the runs of an earlier report's ``ablation.csv`` (same recipe and evaluation, run folders
 no longer at hand, e.g. made on another machine) to the tables and paired differences: its rows carry each
@@ -20,6 +21,8 @@ as the run folders are named; a method whose pooling is switched to ``dmap`` is 
 (``adnet-learned``). The arm and the seed come from the training config that ``results.json``
 records (``provenance.training_config``: ``model.method``, ``model.dmap_mode``, ``seed``), else from the
 folder's name. The arms of one folder are assumed to share the recipe otherwise (``script/ablation.sh``).
+``--folds`` and ``--seeds`` keep only the runs of those folds and seeds (``config``: the config's seed), so
+that every arm of a table stands on the same folds and seeds; ``--out`` writes elsewhere than the folder.
 Writes into the folder:
 
 - ``ablation.md`` / ``ablation.csv``: Dice per organ and the mean for every (fold, arm, seed), the
@@ -287,6 +290,14 @@ def read_earlier(path: Path) -> list[dict]:
 def from_earlier(rec: dict) -> bool:
     """Whether a record was read from an earlier report's table (it has no run folder, curves or timings)."""
     return rec.get("source") is not None
+
+
+def select(records: list[dict], folds: list[int] | None = None, seeds: list[str] | None = None) -> list[dict]:
+    """The records of the given folds and seeds (None: all); a seed is a number or ``config`` (the config's
+    seed, recorded as None)."""
+    wanted = None if seeds is None else {None if s == "config" else int(s) for s in seeds}
+    return [r for r in records
+            if (folds is None or r["fold"] in folds) and (wanted is None or r["seed"] in wanted)]
 
 
 def merge_earlier(records: list[dict], earlier: list[dict]) -> list[dict]:
@@ -647,9 +658,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--earlier", type=Path, action="append", default=[], metavar="CSV",
                         help="an earlier report's ablation.csv whose runs join the tables (repeatable)")
+    parser.add_argument("--folds", type=int, nargs="+", metavar="F", help="only the runs of these folds")
+    parser.add_argument("--seeds", nargs="+", metavar="S", help="only the runs of these seeds (config: the config's)")
+    parser.add_argument("--out", type=Path, help="write here instead of into the log folder")
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         print(f"error: {args.root} is not a folder", file=sys.stderr)
+        return 2
+    bad_seeds = [s for s in args.seeds or [] if s != "config" and not s.isdigit()]
+    if bad_seeds:
+        print(f"error: --seeds {' '.join(bad_seeds)}: expected seed numbers or config", file=sys.stderr)
         return 2
     records = collect(args.root)
     try:
@@ -658,19 +676,22 @@ def main(argv: list[str] | None = None) -> int:
     except EarlierTableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    records = select(records, args.folds, args.seeds)
     if not any(not from_earlier(r) for r in records):
-        print(f"error: no evaluated run (<dataset>_setting<s>_fold<f>_<arm>/results/results.json) in {args.root}",
-              file=sys.stderr)
+        print(f"error: no evaluated run (<dataset>_setting<s>_fold<f>_<arm>/results/results.json) in {args.root}"
+              + (" among the selected folds and seeds" if args.folds or args.seeds else ""), file=sys.stderr)
         return 2
+    out = args.out or args.root
+    out.mkdir(parents=True, exist_ok=True)
     header, rows = table_rows(records)
-    md, csv_path = write_tables(header, rows, args.root)
-    summary = args.root / "summary.md"
+    md, csv_path = write_tables(header, rows, out)
+    summary = out / "summary.md"
     summary.write_text(summary_markdown(records))
-    by_step = args.root / "dice_by_step.md"
+    by_step = out / "dice_by_step.md"
     by_step.write_text(dice_by_step_markdown(records))
     print(md.read_text(), end="")
     print(summary.read_text(), end="")
-    written = [md, csv_path, summary, by_step] + ([] if args.no_plots else plot(records, args.root))
+    written = [md, csv_path, summary, by_step] + ([] if args.no_plots else plot(records, out))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -642,3 +642,25 @@ def test_a_missing_earlier_table_is_a_one_line_error(ablation, tmp_path, capsys)
     assert report.main([str(ablation), "--earlier", str(tmp_path / "none.csv"), "--no-plots"]) == 2
     err = capsys.readouterr().err
     assert "none.csv: cannot read" in err and err.count("\n") == 1
+
+
+def test_select_keeps_the_runs_of_the_given_folds_and_seeds():
+    report = load_report()
+    records = [{"fold": f, "seed": s, "mode": "learned"} for f in (0, 1, 2) for s in (None, 1, 2)]
+    assert report.select(records) == records
+    kept = report.select(records, folds=[0, 2], seeds=["config", "2"])
+    assert [(r["fold"], r["seed"]) for r in kept] == [(0, None), (0, 2), (2, None), (2, 2)]
+    assert [r["seed"] for r in report.select(records, seeds=["config"])] == [None, None, None]
+
+
+def test_folds_seeds_and_out_give_a_report_of_the_selection_elsewhere(two_methods, monkeypatch, tmp_path_factory):
+    report = load_report()
+    root, means = two_methods
+    monkeypatch.setattr(report, "model_parameters", fake_parameters)
+    out = tmp_path_factory.mktemp("selection") / "fold1_seed2"
+    assert report.main([str(root), "--folds", "1", "--seeds", "2", "--out", str(out), "--no-plots"]) == 0
+    text = (out / "summary.md").read_text()
+    assert "| adnet | 1 | 1 | 2 | 0.300 +- 0.000 |" in text and "| learned | 1 | 1 | 2 | 0.400 +- 0.000 |" in text
+    assert not (root / "summary.md").exists()  # the log folder is left as it was
+    assert report.main([str(root), "--seeds", "config", "--no-plots"]) == 2  # no run of the config's seed
+    assert report.main([str(root), "--seeds", "one", "--no-plots"]) == 2
