@@ -149,8 +149,8 @@ def default_config() -> dict[str, Any]:
             "gamma": 0.7,  # gamma of the focal loss (query_loss=focal)
             # class weights (background, foreground); None: the method's own (0.1 / 1.0; alpnet 0.05 / 1.0)
             "class_weights": None,
-            # "pixels": sum over pixels / summed weights (the paper); "classes": each class's mean over its
-            # own pixels, then weighted
+            # the query loss's (focal or NLL) normalisation: "pixels": sum over pixels / summed weights (the
+            # papers'); "classes": each class's mean over its own pixels, then weighted
             "normalize": "pixels",
         },
         optim={

@@ -199,8 +199,7 @@ class MethodSeg(FewShotSeg):
             query_masks: [B, Q, H, W] binary ground truth.
             gamma: the focal loss's focusing parameter.
             class_weights: (background, foreground) weights of the query loss.
-            normalize: the focal loss's normalisation, ``pixels`` or ``classes`` (the NLL is normalised by
-                pixels).
+            normalize: the query loss's normalisation, ``pixels`` or ``classes``.
 
         Returns:
             Scalar loss.
@@ -210,7 +209,8 @@ class MethodSeg(FewShotSeg):
         if c.query_loss == "focal":
             loss = episode_loss(probs, query_masks, gamma, class_weights, normalize)
         else:
-            loss = episode_nll(clamped_log(probs) if log_probs is None else log_probs, query_masks, class_weights)
+            loss = episode_nll(clamped_log(probs) if log_probs is None else log_probs, query_masks, class_weights,
+                               normalize)
         if c.align_weight > 0:
             loss = loss + c.align_weight * aux["align_loss"]
             aux["align_loss"] = aux["align_loss"].detach()

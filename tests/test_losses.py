@@ -61,6 +61,25 @@ def test_weighted_nll_hand_computed_with_an_ignored_pixel():
     torch.testing.assert_close(weighted_nll(log_probs, target, (0.1, 1.0)), ref)
 
 
+def test_weighted_nll_normalised_by_classes_hand_computed_with_an_ignored_pixel():
+    p_fg = torch.tensor([0.8, 0.3, 0.6, 0.1]).reshape(1, 1, 2, 2)
+    log_probs = torch.log(torch.cat([1 - p_fg, p_fg], 1))
+    target = torch.tensor([[1, 0], [0, 255]]).reshape(1, 2, 2)
+    # each class's mean over its own counted pixels, weighted, over the weights of the classes present
+    expected = (1.0 * -math.log(0.8) + 0.5 * -(math.log(0.7) + math.log(0.4)) / 2) / (1.0 + 0.5)
+    got = weighted_nll(log_probs, target, (0.5, 1.0), normalize="classes")
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    only_bg = torch.tensor([[0, 0], [0, 255]]).reshape(1, 2, 2)  # no foreground: its weight leaves the sum
+    expected_bg = -(math.log(0.2) + math.log(0.7) + math.log(0.4)) / 3
+    assert weighted_nll(log_probs, only_bg, (0.5, 1.0), normalize="classes").item() == \
+        pytest.approx(expected_bg, rel=1e-6)
+    batch = torch.cat([log_probs, log_probs]).unsqueeze(1), torch.stack([target, only_bg]).reshape(2, 1, 2, 2)
+    assert episode_nll(*batch, (0.5, 1.0), normalize="classes").item() == \
+        pytest.approx((expected + expected_bg) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="normalize"):
+        weighted_nll(log_probs, target, (0.5, 1.0), normalize="voxels")
+
+
 def test_episode_nll_is_the_mean_of_per_episode_losses():
     torch.manual_seed(0)
     probs = torch.softmax(torch.randn(2, 1, 2, 4, 5), 2)

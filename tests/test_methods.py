@@ -193,6 +193,10 @@ def test_adnet_loss_is_nll_plus_alignment_plus_threshold_over_20():
     expected = nll + aux["align_loss"] + model.threshold / 20
     torch.testing.assert_close(loss, expected)
     assert aux["align_loss"].item() > 0
+    by_classes = model.training_loss(probs, dict(aux), qm, 0.7, (0.1, 1.0), normalize="classes")
+    torch.testing.assert_close(by_classes, episode_nll(clamped_log(probs), qm, (0.1, 1.0), normalize="classes")
+                               + aux["align_loss"] + model.threshold / 20)
+    assert abs(by_classes.item() - loss.item()) > 1e-4  # the switch reaches the NLL
     # the threshold loss is there: T's gradient carries its 1/20 (dropping it would change T's gradient)
     loss.backward()
     with_term = model.threshold.grad.item()
