@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from config import (NAMED_CONFIGS, ConfigError, build_config, configure_logging, one_line_errors,  # noqa: E402
                     resolve_config)
 from evaluation.provenance import sha256_file  # noqa: E402
-from util.checkpoints import FINAL_NAME, STEP_PREFIX  # noqa: E402
+from util.checkpoints import FINAL_NAME, step_snapshots  # noqa: E402
 from util.logger import ScalarLogger  # noqa: E402
 
 
@@ -118,8 +118,7 @@ def evaluate_all(test: Any, cfg: dict[str, Any], run: Path, final: Path, board: 
     :func:`main` describes)."""
     snapshots = final.parent
     passes = [("", cfg.get("eval_weights", "auto"))] + ([("_raw", "raw")] if raw_too else [])
-    # names carry zero-padded steps, so the name order is the step order
-    steps = sorted(snapshots.glob(f"{STEP_PREFIX}*.pth"))
+    steps = step_snapshots(snapshots)
     if last is not None:
         steps = steps[len(steps) - last:] if last > 0 else []
     for suffix, weights in passes:

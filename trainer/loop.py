@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from trainer.state import TrainingState, save_training_state
 from util.amp import autocast
-from util.checkpoints import STEP_PREFIX, step_checkpoint_name
+from util.checkpoints import step_checkpoint_name, step_snapshots
 from util.distributed import DistributedContext
 from util.logger import ScalarLogger
 
@@ -71,7 +71,7 @@ def set_train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
 def prune_snapshots(snapshot_dir: Path, keep: int, eval_step: Optional[int] = None) -> None:
     """Delete all but the ``keep`` newest step snapshots; the ``eval_step`` snapshot is always kept."""
     protected = snapshot_dir / step_checkpoint_name(eval_step) if eval_step else None
-    snapshots = [p for p in sorted(snapshot_dir.glob(f"{STEP_PREFIX}*.pth")) if p != protected]
+    snapshots = [p for p in step_snapshots(snapshot_dir) if p != protected]
     for old in snapshots[: max(0, len(snapshots) - keep)]:
         old.unlink(missing_ok=True)
 

@@ -24,6 +24,12 @@ def step_checkpoint_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:07d}.pth"
 
 
+def step_snapshots(snapshot_dir: str | os.PathLike) -> list[Path]:
+    """The step snapshots of ``snapshot_dir``, oldest first (names carry zero-padded steps, so the name order
+    is the step order)."""
+    return sorted(Path(snapshot_dir).glob(f"{STEP_PREFIX}*.pth"))
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``state`` with ``torch.save`` atomically.
 
@@ -89,7 +95,7 @@ def latest_checkpoint(snapshot_dir: str | os.PathLike) -> Path | None:
     snapshot_dir = Path(snapshot_dir)
     if not snapshot_dir.is_dir():
         return None
-    steps = sorted(snapshot_dir.glob(f"{STEP_PREFIX}*.pth"))
+    steps = step_snapshots(snapshot_dir)
     final = snapshot_dir / FINAL_NAME
     if not final.is_file():
         return steps[-1] if steps else None
